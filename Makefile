@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv, install torch 2.13.0 first (our machines carry its CPU wheel; a GPU machine gets the
+# CUDA build of the same version), then the project with every transitive pin from requirements.lock.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+
+.PHONY: demo test install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml requirements.lock | $(VENV)/bin/python
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements.lock -e '.[local,test]'
+	$(PIP) check
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/simplepose demo
+
+# SIGINT, not SIGKILL, on timeout: Ray cleans up its processes on SIGINT (notes/STACK.md P11).
+test: install
+	timeout -s INT 3600 $(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

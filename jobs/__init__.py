@@ -1,0 +1,1 @@
+"""Entry points: the `simplepose` command line and job configurations."""

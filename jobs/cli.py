@@ -1,0 +1,51 @@
+"""The `simplepose` command: one subcommand per module in `jobs/`.
+
+Each command module defines `add_arguments(parser)` and `main(args) -> int`. Modules are imported only when
+their command runs, so `simplepose --help` stays fast and a command never pays for another's imports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jobs.demo", "run the labeling job end to end on an embedded local stack"),
+    "label": ("jobs.label", "label images from object storage into Parquet pose tables"),
+    "render": ("jobs.render", "draw detected poses from a labeling run onto its images"),
+    "oracle": ("jobs.oracle", "decode perfect heatmaps of a COCO file: the ceiling of the grouping"),
+    "train": ("jobs.train", "train the IMHN with Ray Train (data-parallel, mixed precision)"),
+    "evaluate": ("jobs.evaluate", "COCO keypoint evaluation of a model, logged to MLflow"),
+    "promote": ("jobs.promote", "move the MLflow 'champion' alias to a better candidate"),
+    "convert-checkpoint": ("jobs.convert_checkpoint", "convert the authors' checkpoint to ours"),
+    "bench": ("jobs.bench", "benchmarks: targets, network, label"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simplepose", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the global options and the command name first; the command module owns the rest.
+    top, rest = parser.parse_known_args(argv)
+    module_name, help_text = COMMANDS[top.command]
+    module = importlib.import_module(module_name)
+    command_parser = argparse.ArgumentParser(prog=f"simplepose {top.command}", description=help_text)
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(rest)
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray programs built from `simplepose`: labeling (Ray Data), training (Ray Train), evaluation."""

@@ -1,0 +1,12 @@
+"""Simple Pose (Li, Su, Wang, AAAI 2020) as a plain library: heatmaps in, persons out.
+
+No Ray, MLflow or object-store clients are imported here; callers hand in file objects or paths.
+"""
+__version__ = "0.1.0"
+
+
+def load_model(path, **kwargs):
+    """Build an IMHN from our checkpoint or the authors' (`simplepose.checkpoint.load_model`)."""
+    from simplepose.checkpoint import load_model as _load_model
+
+    return _load_model(path, **kwargs)

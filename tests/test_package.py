@@ -1,0 +1,77 @@
+"""Contracts of the package as a whole: the library's import boundary and the command line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jobs.bench import BENCHMARKS
+from jobs.cli import COMMANDS
+
+
+def test_library_imports_no_ray_mlflow_or_storage_clients():
+    # DESIGN.md: nothing in simplepose imports Ray, MLflow, s3fs or boto; I/O goes through file objects.
+    code = (
+        "import sys, pkgutil, importlib, simplepose\n"
+        "for m in pkgutil.walk_packages(simplepose.__path__, 'simplepose.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in {'ray', 'mlflow', 's3fs', 'boto3', 'botocore', 'pipelines', 'jobs'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"simplepose imported {out.stdout.strip()}"
+
+
+def test_skeleton_is_consistent():
+    from simplepose import skeleton as sk
+
+    assert len(sk.FLIP_CHANNEL_ORDER) == sk.NUM_CHANNELS == 50
+    assert sorted(sk.FLIP_CHANNEL_ORDER) == list(range(50))
+    for limb, (a, b) in enumerate(sk.LIMBS):  # a mirrored limb joins the mirrored keypoints
+        mirrored = sk.LIMBS[sk.FLIP_LIMB_ORDER[limb]]
+        assert set(mirrored) == {sk.KEYPOINT_FLIP[a], sk.KEYPOINT_FLIP[b]}
+    for coco_index, name in enumerate(sk.COCO_KEYPOINTS):
+        assert sk.KEYPOINTS[sk.COCO_TO_REFERENCE[coco_index]] == name
+
+
+def test_coco_to_reference_recodes_visibility_and_builds_the_neck():
+    import numpy as np
+
+    from simplepose import skeleton as sk
+
+    coco = np.zeros((17, 3))
+    coco[5] = (10, 20, 2)  # left shoulder, visible
+    coco[6] = (30, 40, 1)  # right shoulder, occluded
+    ref = sk.coco_to_reference(coco)
+    assert ref.shape == (18, 3)
+    assert tuple(ref[sk.NECK]) == (20, 30, 0)  # midpoint, min of recoded visibilities (1 and 0)
+    assert ref[5, 2] == 1 and ref[2, 2] == 0 and ref[0, 2] == 2
+    coco[6, 2] = 0
+    assert sk.coco_to_reference(coco)[sk.NECK, 2] == 2
+    with pytest.raises(ValueError, match="17, 3"):
+        sk.coco_to_reference(np.zeros((18, 3)))
+
+
+def _help(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--help"], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    out = _help(command)
+    assert out.returncode == 0, out.stderr
+    assert f"simplepose {command}" in out.stdout
+
+
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_every_benchmark_has_help(benchmark):
+    out = _help("bench", benchmark)
+    assert out.returncode == 0, out.stderr
+
+
+def test_unknown_command_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "no-such-command"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
