@@ -1,0 +1,110 @@
+"""`simplepose bench targets`: training samples per second per core (augmentation + ground truth).
+
+As in the reference's HDF5 pipeline (SPEC §3.3), images are decoded and their person masks computed once,
+before timing. The timed loop is what a data-loader worker does per sample: draw the augmentation, tint,
+warp image and masks, move the keypoints, render the 50 target maps, convert the image to float
+(`simplepose.coco.build_sample`). Each worker is one process with OpenCV and torch limited to one thread, so
+samples per CPU-second is the per-core rate; wall-clock rates are printed too (they drop when the machine is
+shared). The reference makes about 40 samples/s per process (DESIGN.md).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from jobs.bench.machine import describe_machine
+from simplepose.augment import AugmentConfig, SourceImage
+from simplepose.coco import build_sample, image_masks, load_coco, training_samples
+from simplepose.targets import STYLES, TargetConfig
+
+REFERENCE_SAMPLES_PER_S = 40.0
+
+
+def _default_data() -> Path:
+    shared = Path(os.environ.get("SIMPLEPOSE_SHARED", "/work/shared"))
+    return shared / "data" / "coco-mini"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = _default_data()
+    parser.add_argument("--annotations", default=str(data / "annotations" / "person_keypoints_train2017.json"),
+                        help="COCO person-keypoint json (default: coco-mini under $SIMPLEPOSE_SHARED)")
+    parser.add_argument("--images", default=str(data / "train2017"), help="folder of the json's images")
+    parser.add_argument("--size", type=int, default=512, help="crop size in pixels (targets at size / 4)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per worker")
+    parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
+    parser.add_argument("--style", choices=STYLES, default="reference", help="target style (TargetConfig)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _prepare(args: argparse.Namespace):
+    """Decode every image that has a sample and compute its masks (untimed, like the reference's HDF5)."""
+    coco = load_coco(args.annotations)
+    samples = training_samples(coco)
+    if not samples:
+        raise SystemExit(f"no training samples in {args.annotations}")
+    sources = {}
+    for sample in samples:
+        if sample.image_id not in sources:
+            image = cv2.imread(str(Path(args.images) / sample.file_name), cv2.IMREAD_COLOR)
+            if image is None:
+                raise SystemExit(f"cannot read image {Path(args.images) / sample.file_name}")
+            sources[sample.image_id] = SourceImage.from_arrays(image, *image_masks(coco, sample.image_id))
+    return samples, sources
+
+
+def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[int, float, float]:
+    """Build samples for args.seconds; returns (samples built, CPU seconds, wall seconds)."""
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([args.seed, worker])
+    augment_config = AugmentConfig(crop_size=args.size)
+    target_config = TargetConfig(style=args.style)
+    order = rng.permutation(len(samples))
+    for index in order[:10]:  # warm-up: first-call costs of numpy and OpenCV
+        build_sample(sources[samples[index].image_id], samples[index], rng, augment_config, target_config)
+    count, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall0 < args.seconds:
+        sample = samples[order[count % len(order)]]
+        build_sample(sources[sample.image_id], sample, rng, augment_config, target_config)
+        count += 1
+    return count, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.size % 64 or args.size <= 0:
+        raise SystemExit(f"--size must be a positive multiple of 64, got {args.size}")
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    print(f"machine: {describe_machine()}")
+    start = time.perf_counter()
+    samples, sources = _prepare(args)
+    print(f"data: {len(samples)} samples from {len(sources)} images of {args.annotations}; decoding and masks "
+          f"done once up front in {time.perf_counter() - start:.2f} s (not timed, as the reference's HDF5)")
+    print(f"timed per sample: augmentation draw, tint, warp of image + 2 masks, keypoints, "
+          f"{args.style} targets (50, {args.size // 4}, {args.size // 4}), image to float; "
+          f"{args.workers} worker(s) x {args.seconds:g} s, 1 thread each")
+    jobs = [(args, samples, sources, worker) for worker in range(args.workers)]
+    if args.workers == 1:
+        results = [_worker(*jobs[0])]
+    else:  # fork: the prepared images are shared copy-on-write instead of pickled to each worker
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            results = pool.starmap(_worker, jobs)
+    for worker, (count, cpu, wall) in enumerate(results):
+        print(f"worker {worker}: {count} samples, {cpu:.2f} CPU s, {wall:.2f} wall s: "
+              f"{count / cpu:.1f} samples per CPU-second, {count / wall:.1f} samples/s wall")
+    total = sum(r[0] for r in results)
+    per_core = total / sum(r[1] for r in results)
+    wall = max(r[2] for r in results)
+    print(f"result: {per_core:.1f} samples/s per core (CPU time); {total / wall:.1f} samples/s wall over "
+          f"{args.workers} worker(s) ({total / wall / args.workers:.1f} per worker); reference ~"
+          f"{REFERENCE_SAMPLES_PER_S:.0f} samples/s per process: x{per_core / REFERENCE_SAMPLES_PER_S:.1f}")
+    return 0

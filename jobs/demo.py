@@ -1,0 +1,189 @@
+"""`simplepose demo`: the labeling job end to end on an embedded local stack, in a minute or two on a laptop.
+
+It starts an S3-protocol server on loopback (moto's standalone server), uploads a generated sample set
+(`pipelines.samples`: stick figures plus broken objects), runs the real labeling job
+(`pipelines.label.run_label_job`, Ray Data on a local Ray) from `s3://` to Parquet tables in `s3://`,
+reads the tables back, copies the run into WORKDIR/run and renders overlays into WORKDIR/overlays.
+
+Weights: the repository ships none. Without --model the demo saves a tiny randomly initialised IMHN
+(1 stack, width 32) to the bucket and labels with it: the detected poses are meaningless, the run shows
+the pipeline, the tables and the failure handling. With --model (a checkpoint URI or models:/NAME@ALIAS,
+e.g. the authors' converted checkpoint) the poses are that model's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.images import STATUSES
+from pipelines.samples import broken_objects, sample_images
+
+LOG = logging.getLogger(__name__)
+
+BUCKET = "simplepose-demo"
+TINY_MODEL = {"stacks": 1, "width": 32, "increase": 8}
+"""The random demo network: IMHN(stacks=1, width=32, increase=8), about 0.1 M parameters."""
+DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_EC2_METADATA_DISABLED": "true"}
+QUIET_RAY = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="out/demo",
+                        help="local folder for the copied run tables and the overlays (default %(default)s)")
+    parser.add_argument("--images", type=int, default=8, help="synthetic images to label (default %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint URI or models:/NAME@ALIAS to label with (default: tiny random weights)")
+    parser.add_argument("--boxsize", type=int, default=256,
+                        help="pixels the image height is scaled to (default %(default)s; the job's own is 640)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and of the random weights")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with loopback_s3() as endpoint:
+        print(f"S3-protocol server (moto) on {endpoint}; bucket s3://{BUCKET}")
+        objects = upload_samples(args.images, args.seed)
+        print(f"uploaded {objects} objects to s3://{BUCKET}/images/ "
+              f"({args.images} stick-figure JPEGs and {objects - args.images} broken objects)")
+        model_uri = args.model or save_random_model(args.seed)
+        with local_ray():
+            summary = label(model_uri, args.boxsize)
+        run_uri = summary.output
+        print(f"\nlabeling job finished (weights: see the end):\n  {summary.format()}\n")
+        show_tables(run_uri)
+        fs, run_path = storage.filesystem(run_uri)
+        fs.get(run_path, str(workdir / "run"), recursive=True)
+        from jobs.render import render_run
+
+        rendered = render_run(run_uri, str(workdir / "overlays"), limit=None)
+    print(f"\ntables copied to {workdir / 'run'} (query them with DuckDB: "
+          f"SELECT status, count(*) FROM '{workdir / 'run' / 'images' / '*.parquet'}' GROUP BY status)")
+    print(f"{rendered.images} overlays ({rendered.persons} persons drawn) in {workdir / 'overlays'}")
+    if args.model is None:
+        print(f"\nWEIGHTS: an untrained IMHN({', '.join(f'{k}={v}' for k, v in TINY_MODEL.items())}) with the "
+              f"reference's random initialisation, seed {args.seed}; the repository ships no trained weights. "
+              "Its poses are meaningless (its maps are near zero, so usually no keypoint passes the detection "
+              "threshold and the poses table is empty): this run shows the pipeline, the tables and the handling "
+              "of broken objects. Pass --model with a trained checkpoint (e.g. the authors' converted one) for "
+              "real poses.")
+    else:
+        print(f"\nWEIGHTS: {args.model} ({summary.model_name} {summary.model_version}); the images are synthetic "
+              "stick figures, not photographs, so even a good COCO model may find few of them.")
+    print(f"demo finished in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (free port) for the duration; AWS_ENDPOINT_URL and dummy credentials are
+    set for this process (and the Ray workers it starts) and restored afterwards. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for noisy in ("werkzeug", "botocore", "aiobotocore"):  # per-request and "found credentials" INFO lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    settings = {**DUMMY_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield endpoint
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+def upload_samples(count: int, seed: int) -> int:
+    """Create the bucket and upload `count` sample images plus the broken objects; returns the object count."""
+    fs, _ = storage.filesystem(f"s3://{BUCKET}")
+    fs.mkdir(BUCKET)
+    samples = sample_images(count, seed=seed) + broken_objects(seed=seed)
+    fs.pipe({f"{BUCKET}/images/{s.name}": s.data for s in samples})
+    return len(samples)
+
+
+def save_random_model(seed: int) -> str:
+    """Save a seeded random tiny IMHN to s3://BUCKET/models/ (our checkpoint format); returns its URI."""
+    import torch
+
+    from simplepose.checkpoint import save_checkpoint
+    from simplepose.model import IMHN
+
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    save_checkpoint(IMHN(**TINY_MODEL), buffer, metadata={
+        "name": "tiny-random-imhn", "version": f"seed{seed}",
+        "note": "randomly initialised demo weights: not trained, poses are meaningless"})
+    uri = f"s3://{BUCKET}/models/tiny-random-imhn.pt"
+    storage.write_atomic(uri, buffer.getvalue())
+    return uri
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """A quiet local Ray on this machine's cores, sized for a demo (STACK §4), started after the S3 settings
+    so its workers inherit them."""
+    for name, value in QUIET_RAY.items():
+        os.environ.setdefault(name, value)
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="sp-ray-", dir="/tmp") as temp_dir:  # short: AF_UNIX path limit
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=512 << 20,
+                 logging_level=logging.ERROR, log_to_driver=False, _temp_dir=temp_dir)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def label(model_uri: str, boxsize: int):
+    """Run the labeling job on s3://BUCKET/images/ into s3://BUCKET/runs/demo; returns its LabelSummary."""
+    from pipelines.label import LabelJobConfig, run_label_job
+
+    config = LabelJobConfig(input=f"s3://{BUCKET}/images/", output=f"s3://{BUCKET}/runs/demo", model=model_uri,
+                            boxsize=boxsize, device="cpu", progress_interval_s=5.0)
+    return run_label_job(config)
+
+
+def show_tables(run_uri: str) -> None:
+    """Print image rows per status (with the reasons of failures) and a few poses, read back with pyarrow."""
+    fs, path = storage.filesystem(run_uri)
+    images = pq.read_table(f"{path}/images", filesystem=fs)
+    poses = pq.read_table(f"{path}/poses", filesystem=fs)
+    print(f"images table: {images.num_rows} rows; poses table: {poses.num_rows} rows")
+    counts = images.group_by("status").aggregate([("status", "count")]).to_pylist()
+    for row in sorted(counts, key=lambda r: list(STATUSES).index(r["status"])):
+        print(f"  {row['status']:>15}: {row['status_count']:3d}  ({STATUSES[row['status']]})")
+    failures = images.filter(pc.not_equal(images["status"], "ok")).sort_by("input_index")
+    for row in failures.select(["image_id", "status", "error"]).to_pylist():
+        print(f"  {row['image_id']}: {row['status']}: {row['error']}")
+    if poses.num_rows:
+        top = poses.sort_by([("score", "descending")]).slice(0, 3)
+        print("highest-scoring poses:")
+        for row in top.select(["image_id", "person_index", "score", "num_keypoints", "bbox_x", "bbox_y", "bbox_w",
+                               "bbox_h"]).to_pylist():
+            print(f"  {row['image_id']} person {row['person_index']}: score {row['score']:.3f}, "
+                  f"{row['num_keypoints']} keypoints, box x {row['bbox_x']:.0f} y {row['bbox_y']:.0f} "
+                  f"w {row['bbox_w']:.0f} h {row['bbox_h']:.0f}")

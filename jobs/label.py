@@ -1,0 +1,82 @@
+"""`simplepose label INPUT OUTPUT --model MODEL`: label image objects into Parquet pose tables (docs/tables.md).
+
+Re-running the same command after a failure finishes the missing work without duplicate rows; the run is
+complete when OUTPUT/_SUCCESS exists. Endpoint and credentials come from the standard settings
+(AWS_ENDPOINT_URL, AWS_PROFILE, ...) or --storage-option; they are never printed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from pipelines.label import LabelJobConfig, run_label_job
+
+LOG = logging.getLogger(__name__)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelJobConfig)}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    return int(low), int(high or low)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="prefix, glob or object URI of images, or a manifest "
+                                      "(.parquet/.csv with a 'uri' column, .txt/.lst with one URI a line)")
+    parser.add_argument("output", help="output folder URI (images/, poses/, _manifest.json, _SUCCESS)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint URI (ours or the authors') or MLflow registry URI models:/NAME@ALIAS")
+    parser.add_argument("--boxsize", type=int, default=_DEFAULTS["boxsize"],
+                        help="pixels the image height is scaled to at scale 1 (default %(default)s)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(_DEFAULTS["scales"]),
+                        help="test-time scales, averaged (default %(default)s)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=_DEFAULTS["flip"],
+                        help="average with the horizontally flipped image (default on)")
+    parser.add_argument("--mode", choices=("default", "reference"), default=_DEFAULTS["mode"],
+                        help="decoder: ours or the authors' exact one (default %(default)s)")
+    parser.add_argument("--aggregation", choices=("reference", "stride4"), default=None,
+                        help="heatmap aggregation (default: reference for --mode reference, else stride4)")
+    parser.add_argument("--max-pixels", type=int, default=_DEFAULTS["max_pixels"],
+                        help="images with more pixels get status too_large (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=_DEFAULTS["chunk_size"],
+                        help="objects per committed part file (default %(default)s)")
+    for stage in ("read", "decode", "network", "assemble"):
+        parser.add_argument(f"--{stage}-batch-size", type=int, default=_DEFAULTS[f"{stage}_batch_size"],
+                            help=f"rows per {stage} batch (default %(default)s)")
+        parser.add_argument(f"--{stage}-cpus", type=float, default=_DEFAULTS[f"{stage}_cpus"],
+                            help=f"logical CPUs per {stage} task/actor (default %(default)s)")
+    for stage in ("decode", "network", "assemble"):
+        default = _DEFAULTS[f"{stage}_actors"]
+        parser.add_argument(f"--{stage}-actors", type=_pair, default=default, metavar="MIN[,MAX]",
+                            help=f"{stage} actor pool size (default {default[0]},{default[1]})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULTS["device"])
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_DEFAULTS["precision"])
+    parser.add_argument("--overwrite", action="store_true", help="delete a previous run in OUTPUT and start afresh")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option, e.g. endpoint_url=http://minio:9000 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--storage-option {key!r}: expected KEY=VALUE")
+        options[key] = value
+    stages = ("read", "decode", "network", "assemble")
+    return LabelJobConfig(
+        input=args.input, output=args.output, model=args.model, boxsize=args.boxsize, scales=tuple(args.scales),
+        flip=args.flip, mode=args.mode, aggregation=args.aggregation, max_pixels=args.max_pixels,
+        chunk_size=args.chunk_size, device=args.device, precision=args.precision, overwrite=args.overwrite,
+        address=args.address, storage_options=options,
+        **{f"{s}_batch_size": getattr(args, f"{s}_batch_size") for s in stages},
+        **{f"{s}_cpus": getattr(args, f"{s}_cpus") for s in stages},
+        **{f"{s}_actors": getattr(args, f"{s}_actors") for s in stages[1:]})
+
+
+def main(args: argparse.Namespace) -> int:
+    summary = run_label_job(config_from_args(args))
+    print(summary.format())
+    return 0

@@ -1,0 +1,162 @@
+"""COCO keypoint evaluation of a model: inference + decoding over a COCO set, results JSON, COCOeval, MLflow.
+
+The per-image work is the library's (`simplepose.infer.predict_heatmaps`, `simplepose.decode.decode`,
+`coco_results`), the same stages the labeling job distributes; here they run in one process on one device,
+which is what a 500-5000 image evaluation set needs. Images are fetched in concurrent batches (`fs.cat`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import fsspec
+import numpy as np
+import torch
+
+from pipelines import registry, tracking
+from simplepose.checkpoint import load_model
+from simplepose.coco import evaluate_keypoints
+from simplepose.decode import DecoderConfig, coco_results, decode
+from simplepose.infer import InferConfig, predict_heatmaps, prepare_model
+
+LOG = logging.getLogger(__name__)
+
+STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+"""The 10 COCOeval keypoint stats, in `COCOeval.stats` order."""
+
+
+@dataclass(frozen=True)
+class EvalTracking:
+    """Where evaluation runs are logged; `set_name` names the evaluation set in tags and model versions."""
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "simplepose-eval"
+    artifact_location: str = "mlruns/artifacts"
+    set_name: str | None = None  # default: the annotation file's name without extension
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """stats: the 10 COCO stats (floats in [0, 1], -1 where undefined); results_uri: the COCO results JSON."""
+    stats: dict[str, float]
+    results_uri: str
+    num_images: int
+    num_detections: int
+    seconds: float
+    run_id: str | None = None
+
+
+def load_annotations(uri: str) -> dict:
+    """A COCO annotation dict read from any fsspec URI."""
+    with fsspec.open(uri, "r") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"load_annotations: {uri} is not a COCO annotation file (needs 'images' and "
+                         f"'annotations')")
+    return data
+
+
+def _read_images(fs, paths: list[str]) -> list[np.ndarray | None]:
+    """Fetch and decode a batch of objects concurrently; None for an unreadable or undecodable one."""
+    blobs = fs.cat(paths, on_error="return")
+    images = []
+    for path in paths:
+        blob = blobs.get(path)
+        image = None
+        if isinstance(blob, bytes) and blob:
+            image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            LOG.warning("evaluation image %s could not be read or decoded: scored as no detection", path)
+        images.append(image)
+    return images
+
+
+def predict_coco(model: torch.nn.Module, gt: dict, images_uri: str, infer_config: InferConfig,
+                 decoder_config: DecoderConfig, image_ids: list[int], batch_size: int = 4,
+                 dtype: torch.dtype | None = None) -> list[dict]:
+    """COCO keypoint results (list of {image_id, category_id, keypoints, score}) of `model` on `image_ids`;
+    image i is `images_uri/<file_name>`; an unreadable image contributes no detection (and a warning)."""
+    by_id = {image["id"]: image for image in gt["images"]}
+    fs, root = fsspec.core.url_to_fs(images_uri)
+    results: list[dict] = []
+    for start in range(0, len(image_ids), batch_size):
+        ids = image_ids[start:start + batch_size]
+        images = _read_images(fs, [f"{root.rstrip('/')}/{by_id[i]['file_name']}" for i in ids])
+        readable = [(i, image) for i, image in zip(ids, images) if image is not None]
+        heatmaps = predict_heatmaps(model, [image for _, image in readable], infer_config, dtype=dtype)
+        for (image_id, _), maps in zip(readable, heatmaps):
+            results += coco_results(decode(maps, decoder_config), image_id)
+        LOG.debug("evaluated %d/%d images", min(start + batch_size, len(image_ids)), len(image_ids))
+    return results
+
+
+def run_evaluation(model_uri: str, annotations: str, images: str, infer_config: InferConfig,
+                   decoder_config: DecoderConfig = DecoderConfig(), results_uri: str | None = None,
+                   max_images: int | None = None, batch_size: int = 4, device: str | None = None,
+                   dtype: torch.dtype | None = None, track: EvalTracking | None = None) -> EvalResult:
+    """Evaluate `model_uri` (path, s3://, models:/name@alias, models:/name/N) on a COCO set.
+
+    Images: the first `max_images` ids of the annotation file (all by default, in file order as the authors'
+    validation does). Writes the results JSON to `results_uri` (default: next to nothing, only logged), runs
+    pycocotools COCOeval, and, with `track`, logs params, the 10 stats (`coco_<stat>`) and the results file
+    to an MLflow run; for a registry URI the stats are also stored on the model version (`coco.<set>.*`).
+    """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"run_evaluation: max_images must be >= 1, got {max_images}")
+    started = time.perf_counter()
+    gt = load_annotations(annotations)
+    image_ids = [image["id"] for image in gt["images"]][:max_images]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with fsspec.open(registry.resolve_model_uri(model_uri, tracking_uri=track and track.tracking_uri),
+                     "rb") as handle:
+        model = prepare_model(load_model(handle), device)
+    results = predict_coco(model, gt, images, infer_config, decoder_config, image_ids, batch_size, dtype)
+    stats = evaluate_keypoints(gt, results, image_ids=image_ids)
+    stats = {key: float(stats[key]) for key in STATS}
+    payload = json.dumps(results)
+    if results_uri:
+        with fsspec.open(results_uri, "w") as handle:
+            handle.write(payload)
+    result = EvalResult(stats, results_uri or "", len(image_ids), len(results), time.perf_counter() - started)
+    if track is not None:
+        result = _log(result, payload, model_uri, annotations, images, infer_config, decoder_config, track)
+    LOG.info("evaluated %s on %d images in %.1f s: AP %.4f", model_uri, len(image_ids), result.seconds,
+             stats["AP"])
+    return result
+
+
+def _log(result: EvalResult, payload: str, model_uri: str, annotations: str, images: str,
+         infer_config: InferConfig, decoder_config: DecoderConfig, track: EvalTracking) -> EvalResult:
+    client = tracking.client(track.tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, track.experiment, track.artifact_location)
+    set_name = track.set_name or annotations.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    run = client.create_run(experiment_id, run_name=f"eval-{set_name}", tags={
+        "simplepose.kind": "evaluation", "simplepose.set_name": set_name, "model_uri": model_uri,
+        "code_version": tracking.code_version(), "data.annotations": annotations,
+        "data.annotations_version": tracking.data_version(annotations), **track.tags})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=_params({
+        "model_uri": model_uri, "annotations": annotations, "images": images, "num_images": result.num_images,
+        "boxsize": infer_config.boxsize, "scales": list(infer_config.scales), "flip": infer_config.flip,
+        "aggregation": infer_config.aggregation, "decoder_mode": decoder_config.mode}))
+    metrics = {f"coco_{key}": value for key, value in result.stats.items()}
+    metrics.update(num_detections=result.num_detections, seconds=result.seconds)
+    logger = tracking.MetricLogger(client, run_id)
+    logger.log(metrics, step=0)
+    logger.flush()
+    client.log_text(run_id, payload, f"results/{set_name}_results.json")
+    client.set_terminated(run_id)
+    if model_uri.startswith("models:/"):
+        version = registry.get_version(client, model_uri)
+        registry.record_evaluation(client, version.name, str(version.version), set_name, result.stats, run_id)
+    return EvalResult(result.stats, result.results_uri, result.num_images, result.num_detections,
+                      result.seconds, run_id)
+
+
+def _params(values: dict) -> list:
+    from mlflow.entities import Param
+
+    return [Param(key, json.dumps(value) if isinstance(value, list) else str(value)) for key, value in values.items()]

@@ -1,0 +1,284 @@
+"""The labeling job: image objects in storage -> Ray Data (read, decode, network, assembly) -> Parquet tables.
+
+`run_label_job(LabelJobConfig(...))` is the whole job; `jobs/label.py` is its command line and
+`docs/tables.md` documents its output. The stages are in `pipelines.label_stages`, the output folder
+protocol (resume, exactly-once commits, success marker) in `pipelines.label_run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import label_run, storage, tables
+from pipelines.label_ray import build_dataset, connect_ray
+from pipelines.label_stages import IMAGE_COLUMNS
+
+LOG = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class LabelJobConfig:
+    """One labeling run. Test-time defaults are the authors' HEAD setting (SPEC §7: boxsize 640, one scale,
+    flip); `mode` is the decoder's (`simplepose.decode.DecoderConfig.mode`). Sizes are pixels.
+
+    input: prefix, glob, single object or manifest (.parquet/.csv/.txt/.lst of URIs) of any fsspec URI.
+    output: folder URI of the run (see `pipelines.label_run`). model: checkpoint URI or models:/NAME@ALIAS.
+    aggregation: heatmap aggregation (`InferConfig.aggregation`); None = "reference" for mode "reference"
+      (its decoder needs original-resolution maps), else "stride4" (maps stay on the device, no upsampling).
+    chunk_size: objects per committed chunk (one images and one poses part file per chunk; a kill loses at
+      most the chunks in flight). *_batch_size: rows per batch of each stage. *_actors: (min, max) actor
+      pool sizes. *_cpus: logical CPUs reserved per task / actor (fractional on small machines, STACK P3).
+    device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU. precision: "auto" =
+      bf16 on GPUs that support it, fp16 on others, fp32 on CPU.
+    address: Ray cluster to join (None: $RAY_ADDRESS, else a local Ray). storage_options: fsspec options
+      (endpoint_url, key, secret, profile...), never logged or written.
+    """
+
+    input: str
+    output: str
+    model: str
+    boxsize: int = 640
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = True
+    mode: str = "default"
+    aggregation: str | None = None
+    max_pixels: int = 50_000_000
+    chunk_size: int = 10_000
+    read_batch_size: int = 16
+    decode_batch_size: int = 8
+    network_batch_size: int = 8
+    assemble_batch_size: int = 32
+    read_cpus: float = 0.25
+    decode_cpus: float = 0.5
+    network_cpus: float = 1.0
+    assemble_cpus: float = 0.25
+    decode_actors: tuple[int, int] = (1, 4)
+    network_actors: tuple[int, int] = (1, 1)
+    assemble_actors: tuple[int, int] = (1, 2)
+    device: str = "auto"
+    precision: str = "auto"
+    read_retries: int = 3
+    overwrite: bool = False
+    address: str | None = None
+    storage_options: Mapping[str, object] = field(default_factory=dict, repr=False)
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        for name in ("input", "output", "model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"LabelJobConfig.{name}: a non-empty URI is required")
+        if self.device not in DEVICES or self.precision not in PRECISIONS:
+            raise ValueError(f"LabelJobConfig: device {self.device!r} not in {DEVICES} or precision "
+                             f"{self.precision!r} not in {PRECISIONS}")
+        if min(self.chunk_size, self.max_pixels, self.read_batch_size, self.decode_batch_size,
+               self.network_batch_size, self.assemble_batch_size) < 1:
+            raise ValueError("LabelJobConfig: chunk_size, max_pixels and batch sizes must be >= 1")
+        for name in ("decode_actors", "network_actors", "assemble_actors"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"LabelJobConfig.{name}: need 1 <= min <= max, got {(low, high)}")
+        self.decoder_config()  # validates mode
+        self.infer_config()  # validates boxsize, scales, aggregation
+
+    def infer_config(self):
+        from simplepose.infer import InferConfig
+
+        aggregation = self.aggregation or ("reference" if self.mode == "reference" else "stride4")
+        return InferConfig(boxsize=self.boxsize, scales=self.scales, flip=self.flip, aggregation=aggregation)
+
+    def decoder_config(self):
+        from simplepose.decode import DecoderConfig
+
+        return DecoderConfig(mode=self.mode)
+
+    def settings(self) -> dict:
+        """What determines the output rows (the run id is derived from it); no secrets."""
+        infer = dataclasses.asdict(self.infer_config())
+        return {"input": self.input, "model": self.model, "infer": infer, "mode": self.mode,
+                "max_pixels": self.max_pixels, "chunk_size": self.chunk_size,
+                "schema_version": tables.SCHEMA_VERSION}
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """What a run did. counts: objects per status over the whole run (resumed chunks included)."""
+
+    run_id: str
+    output: str
+    counts: dict[str, int]
+    images: int
+    persons: int
+    seconds: float
+    images_per_second: float  # objects processed by this invocation / its wall time
+    processed: int  # objects processed by this invocation (0 when the run was already complete)
+    resumed: bool
+    model_name: str
+    model_version: str
+    images_path: str
+    poses_path: str
+    manifest_path: str
+
+    def format(self) -> str:
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return (f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.images} objects ({statuses}), "
+                f"{self.persons} persons; this invocation {self.processed} objects in {self.seconds:.1f} s "
+                f"({self.images_per_second:.2f} images/s); model {self.model_name} {self.model_version}; "
+                f"tables {self.images_path} {self.poses_path}")
+
+
+def run_label_job(config: LabelJobConfig) -> LabelSummary:
+    """Label every input object into OUTPUT/images and OUTPUT/poses; resumable and exactly-once per run."""
+    started = time.monotonic()
+    folder = label_run.RunFolder(config.output, config.storage_options)
+    model_uri, model_name, model_version = describe_model(config.model, config.storage_options)
+    settings = {**config.settings(), "model_version": model_version}
+    run_id = label_run.run_id_for(settings)
+    run = {"run_id": run_id, "settings": settings, "model_name": model_name, "model_version": model_version}
+    resumed = folder.start(run, config.overwrite)
+    if (manifest := folder.complete()) is not None:
+        LOG.info("run %s in %s is already complete", run_id, config.output)
+        return _summary(config, folder, manifest, 0, time.monotonic() - started, resumed)
+    chunks, objects = folder.freeze_inputs(storage.iter_input_uris(config.input, config.storage_options),
+                                           config.chunk_size)
+    pending = sorted(set(range(chunks)) - folder.committed_chunks())
+    LOG.info("run %s: %d objects in %d chunks, %d to do (model %s %s, options %s)", run_id, objects, chunks,
+             len(pending), model_name, model_version, storage.redact(config.storage_options))
+    processed = 0
+    if pending:
+        writer = ChunkWriter(folder, run, config.chunk_size, objects, pending, config.progress_interval_s)
+        with connect_ray(config.address) as ray_resources:
+            dataset = build_dataset(config, model_uri, [folder.input_chunk_uri(c) for c in pending], ray_resources)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(batch)
+        writer.check_done()
+        processed = writer.rows_written
+    totals = folder.totals()
+    if totals["images"] != objects:
+        raise RuntimeError(f"run {run_id}: {totals['images']} image rows committed for {objects} inputs")
+    seconds = time.monotonic() - started
+    manifest = {**run, "objects": objects, "chunks": chunks, "counts": totals["status"],
+                "persons": totals["persons"], "finished_unix": time.time(), "last_invocation_seconds": seconds,
+                "last_invocation_processed": processed, "tables": {"images": "images/", "poses": "poses/"}}
+    folder.finish(manifest)
+    summary = _summary(config, folder, manifest, processed, seconds, resumed)
+    LOG.info("%s", summary.format())
+    return summary
+
+
+class ChunkWriter:
+    """Collects output rows per chunk and commits a chunk as soon as all its rows have arrived.
+
+    Rows are keyed by input_index, so a row delivered twice (a retried task) is stored once.
+    """
+
+    def __init__(self, folder: label_run.RunFolder, run: dict, chunk_size: int, objects: int,
+                 pending: list[int], progress_interval_s: float):
+        self.folder, self.run, self.chunk_size, self.objects = folder, run, chunk_size, objects
+        self.expected = {c: min(chunk_size, objects - c * chunk_size) for c in pending}
+        self.buffers: dict[int, dict[int, dict]] = {}
+        self.metadata = tables.table_metadata({k: run[k] for k in ("run_id", "model_name", "model_version")})
+        self.rows_written = self.failed = 0
+        self.started = self.last_report = time.monotonic()
+        self.interval = progress_interval_s
+
+    def add(self, batch: Mapping[str, np.ndarray]) -> None:
+        touched = set()
+        for i, index in enumerate(np.asarray(batch["input_index"], np.int64)):
+            chunk = int(index) // self.chunk_size
+            if chunk not in self.expected:
+                raise RuntimeError(f"row for input {index} of chunk {chunk}, which is not pending")
+            self.buffers.setdefault(chunk, {})[int(index)] = {name: batch[name][i] for name in batch}
+            touched.add(chunk)
+        for chunk in touched:
+            if len(self.buffers[chunk]) == self.expected[chunk]:
+                self._commit(chunk)
+        self._report()
+
+    def _commit(self, chunk: int) -> None:
+        rows = [row for _, row in sorted(self.buffers.pop(chunk).items())]
+        images, poses = chunk_tables(rows, self.run, self.metadata)
+        self.folder.write_chunk(chunk, images, poses)
+        del self.expected[chunk]
+        self.rows_written += len(rows)
+        self.failed += sum(row["status"] != "ok" for row in rows)
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_report >= self.interval:
+            self.last_report = now
+            rate = self.rows_written / max(now - self.started, 1e-9)
+            LOG.info("progress: %d objects committed (%d failed), %d chunks left, %.2f images/s",
+                     self.rows_written, self.failed, len(self.expected), rate)
+
+    def check_done(self) -> None:
+        self._report(force=True)
+        if self.expected:
+            missing = {c: self.expected[c] - len(self.buffers.get(c, {})) for c in self.expected}
+            raise RuntimeError(f"the pipeline ended with rows missing in chunks {missing}")
+
+
+def chunk_tables(rows: list[dict], run: dict, metadata: dict) -> tuple[pa.Table, pa.Table]:
+    """(images, poses) tables of one chunk from the assembly stage's rows (ordered by input_index)."""
+    columns = {name: np.array([row[name] for row in rows], dtype=object) for name in IMAGE_COLUMNS}
+    columns["num_persons"] = np.array([row["num_persons"] for row in rows], np.int32)
+    columns["run_id"] = np.full(len(rows), run["run_id"], dtype=object)
+    images = tables.images_table(columns, metadata)
+    with_persons = [row for row in rows if row["num_persons"] > 0]
+    counts = [int(row["num_persons"]) for row in with_persons]
+
+    def stacked(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        parts = [np.frombuffer(row[name], np.float32) for row in with_persons]
+        return np.concatenate(parts).reshape(-1, *shape) if parts else np.zeros((0, *shape), np.float32)
+
+    poses = tables.poses_table(
+        np.repeat([row["image_id"] for row in with_persons], counts) if counts else np.zeros(0, object),
+        np.repeat([row["uri"] for row in with_persons], counts) if counts else np.zeros(0, object),
+        stacked("pose_keypoints", (17, 3)), stacked("pose_scores", ()), stacked("pose_boxes", (4,)),
+        run["run_id"], run["model_name"], run["model_version"], metadata)
+    return images, poses
+
+
+def describe_model(model: str, storage_options: Mapping | None = None) -> tuple[str, str, str]:
+    """(URI the actors load, model name, model version).
+
+    models:/NAME@ALIAS is pinned to the version the alias points at now, so a promotion during the run does
+    not mix models. A checkpoint file: name and version from its metadata ("name", "version") when present,
+    else the file's stem and the first 12 hex digits of its SHA-256.
+    """
+    if model.startswith("models:/"):
+        from pipelines import registry, tracking
+
+        version = registry.get_version(tracking.client(), model)
+        return f"models:/{version.name}/{version.version}", version.name, str(version.version)
+    import hashlib
+    import io
+
+    from simplepose.checkpoint import load_checkpoint
+
+    with storage.open_binary(model, storage_options) as f:
+        data = f.read()
+    _, _, metadata = load_checkpoint(io.BytesIO(data))
+    name = str(metadata.get("name") or os.path.splitext(os.path.basename(model.rstrip("/")))[0])
+    version = str(metadata.get("version") or hashlib.sha256(data).hexdigest()[:12])
+    return model, name, version
+
+
+def _summary(config: LabelJobConfig, folder: label_run.RunFolder, manifest: dict, processed: int,
+             seconds: float, resumed: bool) -> LabelSummary:
+    return LabelSummary(
+        run_id=manifest["run_id"], output=config.output, counts=dict(manifest["counts"]),
+        images=manifest["objects"], persons=manifest["persons"], seconds=seconds,
+        images_per_second=processed / seconds if seconds > 0 else 0.0, processed=processed, resumed=resumed,
+        model_name=manifest["model_name"], model_version=manifest["model_version"],
+        images_path=folder.uri("images"), poses_path=folder.uri("poses"), manifest_path=folder.uri("_manifest.json"))

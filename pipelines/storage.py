@@ -1,0 +1,230 @@
+"""Object storage for the labeling job: URIs to filesystems, input listing, retried reads, atomic writes.
+
+Every location is a URI that fsspec understands (`s3://bucket/key`, `file:///dir`, a plain path, `gs://`...).
+Endpoints and credentials come from the standard settings (AWS_ENDPOINT_URL, AWS profiles, instance roles)
+or from explicit `storage_options`; they are never logged: use `redact` before showing options.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import posixpath
+import time
+from collections.abc import Iterator, Mapping
+
+import fsspec
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt", ".lst")
+"""An INPUT ending in one of these is a manifest: a list of object URIs, one per row or line."""
+
+MANIFEST_URI_COLUMNS = ("uri", "url", "path")
+"""Column names searched, in order, for the URIs in a Parquet or CSV manifest (else the first column)."""
+
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def redact(options: Mapping[str, object]) -> dict[str, object]:
+    """A copy of storage options safe to log: values of secret-looking keys become '***' (recursively)."""
+    out: dict[str, object] = {}
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            out[name] = redact(value)
+        elif any(word in name.lower() for word in SECRET_WORDS):
+            out[name] = "***"
+        else:
+            out[name] = value
+    return out
+
+
+def filesystem(uri: str, storage_options: Mapping[str, object] | None = None):
+    """(fsspec filesystem, path without protocol) for `uri`; fsspec caches instances, so this is cheap."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"filesystem: expected a non-empty URI string, got {uri!r}")
+    return url_to_fs(uri, **dict(storage_options or {}))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (`s3://b/out` + `poses` -> `s3://b/out/poses`)."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def unstrip(fs, path: str) -> str:
+    """A full URI for a path that `fs` returned without its protocol (s3fs lists `bucket/key`)."""
+    return fs.unstrip_protocol(path)
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None = None
+                    ) -> Iterator[tuple[str, str]]:
+    """Yield (image_id, uri) for every input object, in a deterministic order.
+
+    input_uri: a manifest (see `MANIFEST_SUFFIXES`; streamed, never loaded whole), a glob (`*`, `?`, `[`), a
+    single object, or a prefix (every object below it, sorted, names starting with `_` or `.` skipped).
+    image_id: the manifest's `image_id` column when it has one, else the object path relative to the
+    prefix or glob root (the full URI for manifests), so ids are unique within a run.
+    """
+    fs, path = filesystem(input_uri, storage_options)
+    if is_manifest(input_uri):
+        yield from _iter_manifest(fs, path)
+        return
+    if any(ch in path for ch in "*?["):
+        root = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+    elif fs.isfile(path):
+        root, paths = posixpath.dirname(path), [path]
+    else:
+        root = path.rstrip("/")
+        paths = sorted(fs.find(root))
+    for p in paths:
+        rel = posixpath.relpath(p, root) if root else p
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        yield rel, unstrip(fs, p)
+
+
+def _iter_manifest(fs, path: str) -> Iterator[tuple[str, str]]:
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            column = next((c for c in MANIFEST_URI_COLUMNS if c in names), names[0])
+            columns = [column] + (["image_id"] if "image_id" in names and column != "image_id" else [])
+            for batch in parquet.iter_batches(columns=columns, batch_size=65536):
+                uris = batch.column(column).to_pylist()
+                ids = batch.column("image_id").to_pylist() if len(columns) == 2 else uris
+                yield from ((str(i), u) for i, u in zip(ids, uris) if u)
+    elif lower.endswith(".csv"):
+        with fs.open(path, "rt", newline="") as f:
+            reader = csv.DictReader(f)
+            names = reader.fieldnames or []
+            if not names:
+                raise ValueError(f"manifest {path}: empty CSV (expected a header with a 'uri' column)")
+            column = next((c for c in MANIFEST_URI_COLUMNS if c in names), names[0])
+            for row in reader:
+                if row[column]:
+                    yield str(row.get("image_id") or row[column]), row[column].strip()
+    else:
+        with fs.open(path, "rt") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line, line
+
+
+# Errors that retrying cannot fix; everything else from a store (timeouts, 5xx, throttling, connection
+# resets) is treated as transient.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+
+
+def read_objects(uris: list[str], storage_options: Mapping[str, object] | None = None,
+                 retries: int = 3, backoff_s: float = 0.2) -> list[bytes | BaseException]:
+    """Read whole objects; one entry per URI: its bytes, or the exception that made it unreadable.
+
+    Objects on one filesystem are fetched concurrently (`fs.cat` of a list). Transient errors are retried
+    `retries` times with exponential backoff starting at `backoff_s` seconds; permanent ones (missing,
+    forbidden) are returned at once.
+    """
+    results: list[bytes | BaseException] = [b""] * len(uris)
+    pending = list(range(len(uris)))
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        failed = []
+        for index, outcome in _cat_grouped([uris[i] for i in pending], storage_options):
+            i = pending[index]
+            results[i] = outcome
+            if isinstance(outcome, BaseException) and not isinstance(outcome, PERMANENT_ERRORS):
+                failed.append(i)
+        if not failed:
+            break
+        LOG.debug("retrying %d of %d reads (attempt %d)", len(failed), len(uris), attempt + 1)
+        pending = failed
+    return results
+
+
+def _cat_grouped(uris: list[str], storage_options) -> Iterator[tuple[int, bytes | BaseException]]:
+    """fs.cat per filesystem (URIs of one batch nearly always share one); yields (position, outcome)."""
+    groups: dict[int, tuple[object, list[tuple[int, str]]]] = {}
+    for i, uri in enumerate(uris):
+        try:
+            fs, path = filesystem(uri, storage_options)
+        except Exception as error:  # an unknown protocol is this object's problem, not the batch's
+            yield i, error
+            continue
+        groups.setdefault(id(fs), (fs, []))[1].append((i, path))
+    for fs, members in groups.values():
+        paths = [p for _, p in members]
+        try:
+            fetched = fs.cat(paths, on_error="return")
+        except Exception as error:  # the whole request failed: every object gets the error (and a retry)
+            fetched = {p: error for p in paths}
+        for i, p in members:
+            outcome = fetched.get(p, fetched.get(fs._strip_protocol(p), FileNotFoundError(p)))
+            yield i, outcome
+
+
+def write_atomic(uri: str, data: bytes, storage_options: Mapping[str, object] | None = None) -> None:
+    """Write `data` to `uri` so that readers see either nothing or the whole object.
+
+    Object stores make a single PUT atomic; on other filesystems the bytes go to a hidden temporary name
+    in the same folder first and are renamed into place.
+    """
+    fs, path = filesystem(uri, storage_options)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if _is_object_store(fs):
+        fs.pipe_file(path, data)
+        return
+    directory, name = posixpath.split(path)
+    temporary = posixpath.join(directory, f".{name}.{time.monotonic_ns()}.tmp")
+    fs.pipe_file(temporary, data)
+    fs.mv(temporary, path)
+
+
+def _is_object_store(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return not any(p in ("file", "local", "memory") for p in protocols)
+
+
+def read_text(uri: str, storage_options: Mapping[str, object] | None = None) -> str | None:
+    """The object's text, or None when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        return fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def exists(uri: str, storage_options: Mapping[str, object] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.exists(path)
+
+
+def list_names(uri: str, storage_options: Mapping[str, object] | None = None) -> set[str]:
+    """Base names of the objects directly under `uri` (empty when it does not exist)."""
+    fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def remove_tree(uri: str, storage_options: Mapping[str, object] | None = None) -> None:
+    """Delete everything under `uri` (used only for --overwrite of the job's own output folders)."""
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def open_binary(uri: str, storage_options: Mapping[str, object] | None = None) -> io.BufferedIOBase:
+    """An open binary file object for reading `uri` (caller closes it)."""
+    return fsspec.open(uri, "rb", **dict(storage_options or {})).open()

@@ -1,0 +1,93 @@
+"""Training data: COCO keypoint samples from object storage, augmented in DataLoader worker processes.
+
+Each Ray Train worker reads the annotation JSON once, lists the samples as the authors do (one per main
+person, every other person included, crowd and unannotated persons masked: `simplepose.coco`), and feeds
+its shard (a `DistributedSampler`) through `loader_workers` processes that fetch, decode, augment and render
+targets, so the accelerator never waits. No offline HDF5 step: images are read from `images/<file_name>`.
+Augmentation draws come from a generator seeded by (seed, epoch, sample index), so a sample's augmentation
+does not depend on the number of workers or on a restart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import cv2
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from simplepose.augment import AugmentConfig, SourceImage
+from simplepose.coco import build_sample, image_masks, load_coco, training_samples
+from simplepose.targets import TargetConfig
+
+LOG = logging.getLogger(__name__)
+
+
+class CocoKeypointSamples(Dataset):
+    """Item i = (image float32 (3,S,S) BGR/255, mask float32 (1,S/4,S/4), targets float32 (50,S/4,S/4)) of
+    training sample i, augmented for `epoch` at crop size S = augment_config.crop_size."""
+
+    def __init__(self, annotations: str, images: str, augment_config: AugmentConfig = AugmentConfig(),
+                 target_config: TargetConfig = TargetConfig(), seed: int = 0, max_samples: int | None = None):
+        with fsspec.open(annotations, "rb") as handle:
+            self.coco = load_coco(json.load(handle))
+        self.samples = training_samples(self.coco)[:max_samples]
+        if not self.samples:
+            raise ValueError(f"CocoKeypointSamples: {annotations} has no training sample (no person with >= 5 "
+                             f"keypoints and area >= 32x32)")
+        self.images = images.rstrip("/")
+        self.augment_config, self.target_config, self.seed, self.epoch = augment_config, target_config, seed, 0
+        self._fs = None  # opened lazily in each process (fsspec clients are not shared across a fork)
+        LOG.info("%d training samples from %d images of %s", len(self.samples), len(self.coco.imgs), annotations)
+
+    def for_epoch(self, epoch: int, crop_size: int) -> CocoKeypointSamples:
+        """A view of the same samples augmented for `epoch` at `crop_size` (shares the annotation index)."""
+        view = object.__new__(CocoKeypointSamples)
+        view.__dict__.update(self.__dict__, epoch=epoch, _fs=None,
+                             augment_config=dataclasses.replace(self.augment_config, crop_size=crop_size))
+        return view
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, file_name: str) -> np.ndarray:
+        if self._fs is None:
+            self._fs, self._root = fsspec.core.url_to_fs(self.images)
+        uri = f"{self.images}/{file_name}"
+        try:
+            blob = self._fs.cat_file(f"{self._root}/{file_name}")
+            image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR) if blob else None
+        except (OSError, cv2.error) as error:
+            raise ValueError(f"training image {uri} could not be read: {error}") from error
+        if image is None:
+            raise ValueError(f"training image {uri} is not a decodable image")
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        source = SourceImage.from_arrays(self._read(sample.file_name), *image_masks(self.coco, sample.image_id))
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, mask, targets = build_sample(source, sample, rng, self.augment_config, self.target_config)
+        return torch.from_numpy(image), torch.from_numpy(mask), torch.from_numpy(targets)
+
+
+def _single_threaded(_worker_id: int) -> None:
+    # Loader processes run in parallel already; nested OpenCV/torch thread pools would oversubscribe the CPUs.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_loader(samples: CocoKeypointSamples, epoch: int, crop_size: int, batch_size: int, rank: int,
+                world: int, loader_workers: int = 0, prefetch_factor: int = 2, seed: int = 0) -> DataLoader:
+    """This rank's shuffled shard of `samples` for `epoch` (full batches only, the same number on every rank)."""
+    view = samples.for_epoch(epoch, crop_size)
+    sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_single_threaded,
+                      prefetch_factor=prefetch_factor if loader_workers else None,
+                      persistent_workers=False)
+

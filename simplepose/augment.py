@@ -1,0 +1,212 @@
+"""Training augmentation: one affine warp of image, masks and keypoints around the main person (SPEC §3.1).
+
+Simple Pose (Li, Su, Wang, AAAI 2020); the reference is the authors' `py_data_transformer.py` at HEAD `0fa17df`,
+re-implemented from SPEC §3.1 and §15.1 and checked against golden G5 and the affines of
+`fixtures/targets_coco_mini.npz`.
+
+Randomness comes only from an explicit `numpy.random.Generator`; `sample_params` draws the parameters and
+everything else applies given parameters, so tests and the validation loader pass fixed ones.
+Coordinates: pixels, pixel centres at integer coordinates; the matrix maps source pixels to crop pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import cv2
+import numpy as np
+
+from simplepose.skeleton import KEYPOINT_FLIP, NUM_KEYPOINTS
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation ranges; defaults are the reference's HEAD `config.py` (512 input, SPEC §3.1)."""
+
+    crop_size: int = 512  # square network input, pixels
+    target_dist: float = 0.6  # main person's bbox height as a fraction of the crop (before aug scale)
+    scale_prob: float = 0.8  # probability of an extra random scale, else 1
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    max_rotate_degree: float = 40.0
+    center_perturb_max: float = 50.0  # pixels; the shift is int(U(-1, 1) * this), truncated toward 0
+    flip_prob: float = 0.5
+    tint_prob: float = 0.2
+    # Tint shifts in OpenCV's 8-bit HSV, inclusive ranges (the reference's asymmetric S and V ranges).
+    hue_range: tuple[int, int] = (-10, 10)
+    saturation_range: tuple[int, int] = (-20, 60)
+    value_range: tuple[int, int] = (-20, 40)
+    border_value: tuple[int, int, int] = (124, 127, 127)  # BGR outside the source image
+
+    def __post_init__(self):
+        if not (isinstance(self.crop_size, int) and self.crop_size >= 2):
+            raise ValueError(f"AugmentConfig.crop_size must be an int >= 2, got {self.crop_size!r}")
+        for name in ("scale_prob", "flip_prob", "tint_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"AugmentConfig.{name} must be a probability, got {getattr(self, name)!r}")
+        for name in ("scale_range", "hue_range", "saturation_range", "value_range"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"AugmentConfig.{name} must be (low, high) with low <= high, got {(low, high)}")
+        if self.target_dist <= 0 or self.scale_range[0] <= 0:
+            raise ValueError("AugmentConfig: target_dist and scale_range must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """One draw of the augmentation. The defaults are the un-randomised (validation) draw (SPEC §3.2)."""
+
+    flip: bool = False
+    rotation: float = 0.0  # degrees; R = [[cos, sin], [-sin, cos]] as in the reference
+    scale: float = 1.0  # extra scale on top of target_dist
+    shift: tuple[int, int] = (0, 0)  # (dx, dy) crop pixels added to the crop centre
+    tint: tuple[int, int, int] | None = None  # (hue, saturation, value) shifts, None = no tint
+
+
+def sample_params(config: AugmentConfig, rng: np.random.Generator) -> AugmentParams:
+    """Draw one augmentation with the reference's distributions (SPEC §3.1) from `rng`."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"sample_params: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    flip = bool(rng.random() < config.flip_prob)
+    tint = None
+    if rng.random() < config.tint_prob:
+        tint = tuple(int(rng.integers(low, high, endpoint=True))
+                     for low, high in (config.hue_range, config.saturation_range, config.value_range))
+    rotation = float(rng.uniform(-config.max_rotate_degree, config.max_rotate_degree))
+    scale = float(rng.uniform(*config.scale_range)) if rng.random() < config.scale_prob else 1.0
+    shift = tuple(int(rng.uniform(-1.0, 1.0) * config.center_perturb_max) for _ in range(2))  # int() truncates
+    return AugmentParams(flip=flip, rotation=rotation, scale=scale, shift=shift, tint=tint)
+
+
+def affine_matrix(center: tuple[float, float], scale_provided: float, params: AugmentParams,
+                  config: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """Source-to-crop affine (2, 3) float64 (SPEC §3.1, G5).
+
+    M = T(S/2 - 0.5 + dx, S/2 - 0.5 + dy) . F . Scale(s) . R(rotation) . T(-cx, -cy), with S the crop size,
+    F = diag(-1, 1) when flipping and s = target_dist / (scale_provided * S / (S - 1)) * params.scale.
+    center: (cx, cy) main person's bbox centre, source pixels; scale_provided: bbox height / crop size.
+    The S / (S - 1) factor is the reference's (HEAD); it puts the crop centre pixel on the person's centre.
+    """
+    if not scale_provided > 0:
+        raise ValueError(f"affine_matrix: scale_provided must be > 0, got {scale_provided!r}")
+    size = config.crop_size
+    s = config.target_dist / (scale_provided * size / (size - 1)) * params.scale
+    theta = math.radians(params.rotation)
+    linear = s * np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
+    if params.flip:
+        linear[0] *= -1.0
+    target = np.array([size / 2 - 0.5 + params.shift[0], size / 2 - 0.5 + params.shift[1]])
+    return np.hstack([linear, (target - linear @ np.asarray(center, dtype=np.float64))[:, None]])
+
+
+def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, flip: bool) -> np.ndarray:
+    """Apply the affine to (P, 18, 3) reference-order keypoints; v is unchanged (absent ones move too).
+
+    After a flip the left/right rows are swapped (skeleton.KEYPOINT_FLIP), so a left shoulder stays a left
+    shoulder of the mirrored person. Returns float64 (P, 18, 3).
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.ndim != 3 or kp.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(f"transform_keypoints: keypoints must be (P, {NUM_KEYPOINTS}, 3), got {kp.shape}")
+    out = kp.copy()
+    out[..., :2] = kp[..., :2] @ matrix[:, :2].T + matrix[:, 2]
+    return out[:, list(KEYPOINT_FLIP)] if flip else out
+
+
+def tint(image: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:
+    """Shift hue, saturation and value of a uint8 BGR image (H, W, 3) in OpenCV's 8-bit HSV.
+
+    H is clipped to [0, 179], S and V to [0, 255]; applied through per-channel lookup tables.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"tint: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    levels = np.arange(256)
+    lut = np.stack([np.clip(levels + shift, 0, top) for shift, top in zip(shifts, (179, 255, 255))], axis=1)
+    hsv = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), lut.astype(np.uint8)[:, None, :])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceImage:
+    """A decoded image with its person masks, prepared once and warped many times.
+
+    pixels: (H, W, 4) uint8 = B, G, R, mask_miss (one 4-channel warp is much faster in OpenCV than a
+        3-channel one plus a 1-channel one, and gives identical values).
+    mask_all: (H, W) uint8, or None when no person mask exists (it would warp to all zeros).
+    """
+
+    pixels: np.ndarray
+    mask_all: np.ndarray | None
+
+    @classmethod
+    def from_arrays(cls, image: np.ndarray, mask_miss: np.ndarray | None = None,
+                    mask_all: np.ndarray | None = None) -> SourceImage:
+        """image: uint8 (H, W, 3) BGR; masks: uint8 (H, W) in {0, 255} (targets.person_masks), or None for
+        "supervise everything" (mask_miss = 255) and "no person mask" (mask_all = 0)."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                or image.shape[2] != 3:
+            raise ValueError(f"SourceImage: image must be a uint8 (H, W, 3) BGR array, got "
+                             f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+        height, width = image.shape[:2]
+        for name, mask in (("mask_miss", mask_miss), ("mask_all", mask_all)):
+            if mask is not None and (mask.dtype != np.uint8 or mask.shape != (height, width)):
+                raise ValueError(f"SourceImage: {name} must be uint8 {(height, width)}, got {mask.dtype} "
+                                 f"{mask.shape}")
+        miss = np.full((height, width), 255, np.uint8) if mask_miss is None else mask_miss
+        keep_all = mask_all is not None and bool(mask_all.any())
+        return cls(pixels=cv2.merge([image, miss]), mask_all=mask_all if keep_all else None)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The BGR image (H, W, 3) uint8 (a copy)."""
+        return np.ascontiguousarray(self.pixels[..., :3])
+
+    def tinted(self, shifts: tuple[int, int, int]) -> SourceImage:
+        """The same source with its colours shifted (`tint`), masks unchanged."""
+        return SourceImage(cv2.merge([tint(self.image, shifts), self.pixels[..., 3]]), self.mask_all)
+
+
+@dataclasses.dataclass(frozen=True)
+class Warped:
+    """A source warped to the crop: image uint8 (S, S, 3) BGR; masks float32 (S/stride, S/stride) in [0, 1]."""
+
+    image: np.ndarray
+    mask_miss: np.ndarray
+    mask_all: np.ndarray
+
+
+def warp(source: SourceImage, matrix: np.ndarray, config: AugmentConfig = AugmentConfig(),
+         stride: int = 4) -> Warped:
+    """Warp image and masks with `matrix` (INTER_LINEAR, constant borders: the BGR border colour, 255 for
+    mask_miss so out-of-image areas are supervised, 0 for mask_all), then resize the masks to the target grid
+    with INTER_AREA and scale them to [0, 1] (SPEC §2.5, §3.1). The crop size must be a multiple of stride."""
+    size = config.crop_size
+    if size % stride:
+        raise ValueError(f"warp: crop size {size} is not a multiple of the stride {stride}")
+    if matrix.shape != (2, 3):
+        raise ValueError(f"warp: matrix must be (2, 3), got {matrix.shape}")
+    grid = (size // stride, size // stride)
+    crop = cv2.warpAffine(source.pixels, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(*config.border_value, 255))
+    mask_miss = _to_grid(cv2.extractChannel(crop, 3), grid)
+    if source.mask_all is None:
+        mask_all = np.zeros(grid, np.float32)
+    else:
+        mask_all = _to_grid(cv2.warpAffine(source.mask_all, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_CONSTANT, borderValue=0), grid)
+    return Warped(image=crop[..., :3], mask_miss=mask_miss, mask_all=mask_all)
+
+
+def _to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """uint8 (S, S) mask -> float32 grid in [0, 1] by INTER_AREA (the reference's order: resize, then / 255)."""
+    small = cv2.resize(mask, grid[::-1], interpolation=cv2.INTER_AREA)
+    return np.divide(small, np.float32(255.0), dtype=np.float32)
+
+
+def to_network_input(image: np.ndarray) -> np.ndarray:
+    """uint8 (S, S, 3) BGR -> float32 (3, S, S) BGR / 255 (no mean/std normalisation, SPEC §3.1)."""
+    out = np.empty((3, *image.shape[:2]), np.float32)
+    np.divide(image.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
+    return out

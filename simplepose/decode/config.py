@@ -1,0 +1,65 @@
+"""Decoder configuration: the authors' thresholds plus one named switch per improvement (SPEC §8, §10.2)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODES = ("default", "reference")
+REFINEMENTS = ("log_parabola", "centroid", "none")
+PERSON_SCORES = ("keypoint_sum", "reference")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """How heatmaps become persons.
+
+    `mode="reference"` reproduces the authors' decoder bug for bug (SPEC §8, §15.4-15.6) on maps at original
+    image resolution (identity `map_to_image`); the improvement switches below are then ignored.
+    `mode="default"` is our decoder: it works on maps of any stride (stride 4 in production) and every switch
+    below is an improvement over the reference that can be turned off alone to measure its effect.
+
+    The thresholds are the authors' values (`utils/config`, SPEC §8): they apply to both modes.
+    """
+
+    mode: str = "default"
+    keypoint_threshold: float = 0.1  # thre1: minimum keypoint heatmap value of a peak
+    limb_threshold: float = 0.1  # thre2: a body-part sample counts as "on" above this
+    connect_ratio: float = 0.8  # fraction of samples that must be "on" to accept a pair
+    max_samples: int = 20  # mid_num: samples along a candidate pair
+    length_rate: float = 16.0  # len_rate: a limb longer than length_rate * person's longest limb is refused
+    merge_tolerance: float = 0.7  # connection_tole: merge two persons only if s >= tol * weakest slot score
+    refine_radius: int = 2  # offset_radius of the reference centroid, in map cells
+    min_parts: int = 2  # persons with fewer keypoints are dropped
+    min_mean_score: float = 0.45  # persons with total / count below this are dropped (reference)
+
+    # --- improvements, used by mode="default" only (each one a measurable switch) ---
+    tie_free_nms: bool = True  # a plateau of equal maxima gives one peak, not one per cell (§10.2 NMS ties)
+    refinement: str = "log_parabola"  # sub-cell peak position: exact for a Gaussian peak ("centroid": the
+    # authors' 5x5 centroid with the axis swap fixed; "none": cell centres)
+    peak_value_score: bool = True  # keypoint score = refined peak value, not the 5x5 mean (§8.1)
+    bilinear_samples: bool = True  # read body-part maps bilinearly along the pair (reference: nearest cell)
+    distance_prior: bool = False  # the reference's penalty on limbs longer than half the image height
+    global_greedy: bool = True  # group by all pairs in score order, attaching both ends (union of persons
+    # without shared keypoint types) instead of the reference's limb-order walk that only adds `to` ends
+    person_score: str = "keypoint_sum"  # rank persons by summed keypoint scores / 17 ("reference": 1 - 1/total)
+    keep_singletons: bool = True  # unassigned keypoints become low-score one-keypoint persons
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"DecoderConfig.mode: {self.mode!r} is not one of {MODES}")
+        if self.refinement not in REFINEMENTS:
+            raise ValueError(f"DecoderConfig.refinement: {self.refinement!r} is not one of {REFINEMENTS}")
+        if self.person_score not in PERSON_SCORES:
+            raise ValueError(f"DecoderConfig.person_score: {self.person_score!r} is not one of {PERSON_SCORES}")
+        if self.max_samples < 2:
+            raise ValueError(f"DecoderConfig.max_samples: need at least 2 samples, got {self.max_samples}")
+        if self.refine_radius < 1:
+            raise ValueError(f"DecoderConfig.refine_radius: must be >= 1 cell, got {self.refine_radius}")
+
+    @property
+    def is_reference(self) -> bool:
+        return self.mode == "reference"
+
+    def replace(self, **changes) -> "DecoderConfig":
+        """A copy with some fields changed (`dataclasses.replace`), e.g. to switch one improvement off."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,301 @@
+"""Ground truth: keypoints to the 50 target heatmaps, COCO person masks, multi-scale targets (SPEC §2).
+
+Simple Pose (Li, Su, Wang, AAAI 2020); the reference is the authors' `py_data_heatmapper.py` at HEAD `0fa17df`,
+re-implemented from SPEC §2 and checked against `fixtures/targets_coco_mini.npz` and goldens G1-G4.
+
+Grid convention: a target map at stride s has cell (row i, col j) standing for the input pixel
+(s*j + s/2 - 0.5, s*i + s/2 - 0.5), pixel centres at integer coordinates (so (4j + 1.5, 4i + 1.5) at stride 4).
+Gaussians are evaluated at these float positions against float keypoints: the targets are sub-cell accurate.
+
+Rendering is vectorised over persons: every window or box of every person is enumerated at once as flat cell
+indices, evaluated in one numpy expression, and combined with `np.maximum.at` (max) or `np.bincount` (mean).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from simplepose.skeleton import (KEYPOINT_CHANNELS, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL, NUM_CHANNELS,
+                                 NUM_KEYPOINTS, NUM_LIMBS, PERSON_MASK_CHANNEL)
+
+LOG = logging.getLogger(__name__)
+
+STYLES = ("reference", "paper")
+_LIMB_FROM = np.array([a for a, _ in LIMBS])
+_LIMB_TO = np.array([b for _, b in LIMBS])
+_ERODE_KERNEL = np.ones((3, 3), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """How keypoints become target heatmaps. Defaults are the reference's HEAD values (SPEC §2, §15.1).
+
+    style "reference": keypoint Gaussians filled in a square window (never truncated by value, max over
+    persons); body parts are a Gaussian of the distance to the limb's infinite line inside the endpoints'
+    bounding box grown by `limb_margin`, values <= `limb_threshold` raised to `limb_floor`, mean over persons.
+    style "paper": the paper's description (SPEC §10.1): keypoint Gaussians truncated by value
+    (< `keypoint_threshold` -> 0); body parts a Gaussian of the perpendicular distance inside the ellipse whose
+    major axis is the limb segment and whose minor semi-axis is where that Gaussian falls to `limb_threshold`,
+    zero elsewhere, max over persons. `limb_floor` and `limb_margin` are not used.
+    """
+
+    style: str = "reference"
+    stride: int = 4  # input pixels per target cell
+    keypoint_sigma: float = 9.0  # input pixels
+    keypoint_threshold: float = 0.015  # sets the 15x15-cell window (reference) or the value cut-off (paper)
+    limb_sigma: float = 7.0  # input pixels
+    limb_threshold: float = 0.015
+    limb_floor: float = 0.01  # reference only: value of box cells whose Gaussian is <= limb_threshold
+    limb_margin: float = 4.0  # reference only: input pixels added around the endpoints' box (1 stride)
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"TargetConfig.style must be one of {STYLES}, got {self.style!r}")
+        if not (isinstance(self.stride, int) and self.stride > 0):
+            raise ValueError(f"TargetConfig.stride must be a positive int, got {self.stride!r}")
+        for name in ("keypoint_sigma", "limb_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TargetConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("keypoint_threshold", "limb_threshold"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"TargetConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0 <= self.limb_floor < 1 or self.limb_margin < 0:
+            raise ValueError(f"TargetConfig: need 0 <= limb_floor < 1 and limb_margin >= 0, "
+                             f"got {self.limb_floor!r}, {self.limb_margin!r}")
+
+    @property
+    def keypoint_radius(self) -> float:
+        """Distance (input pixels) at which a keypoint Gaussian falls to `keypoint_threshold`."""
+        return self.keypoint_sigma * math.sqrt(-2.0 * math.log(self.keypoint_threshold))
+
+    @property
+    def keypoint_window(self) -> int:
+        """Half-width in cells of the square window around round(x / stride): 7 (15x15 cells) at HEAD values.
+        The reference uses ceil(radius / stride); the paper style adds half a cell for the rounding so that
+        every cell above the threshold is inside."""
+        extra = self.stride / 2 if self.style == "paper" else 0.0
+        return math.ceil((self.keypoint_radius + extra) / self.stride)
+
+    @property
+    def limb_half_width(self) -> float:
+        """Paper style: minor semi-axis (input pixels) of the limb ellipse, where the Gaussian = threshold."""
+        return self.limb_sigma * math.sqrt(-2.0 * math.log(self.limb_threshold))
+
+
+def cell_centres(n: int, stride: int) -> np.ndarray:
+    """Input-pixel coordinate of cells 0..n-1 along one axis: stride*i + stride/2 - 0.5, float64 (n,)."""
+    return np.arange(n) * float(stride) + (stride / 2 - 0.5)
+
+
+def render_heatmaps(keypoints: np.ndarray, grid_shape: tuple[int, int], config: TargetConfig = TargetConfig(),
+                    person_mask: np.ndarray | None = None) -> np.ndarray:
+    """Target stack for the persons of one image (SPEC §2).
+
+    keypoints: (P, 18, 3) float, reference order, (x, y) in input pixels of the image the grid covers, recoded
+        visibility (0 occluded, 1 visible, 2 absent); a keypoint is used iff v < 2. P may be 0.
+    grid_shape: (h, w) cells; the grid covers an input of (h * stride, w * stride) pixels.
+    person_mask: optional (h, w) float in [0, 1]: the person mask (`mask_all`) already at grid resolution;
+        channel 48 becomes its 3x3 erosion (0 when None).
+    Returns float32 (50, h, w) in [0, 1]: 0-29 body parts, 30-47 keypoints, 48 person mask, 49 max of 30-47.
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.ndim != 3 or kp.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(f"render_heatmaps: keypoints must be (P, {NUM_KEYPOINTS}, 3), got shape {kp.shape}")
+    if not np.isfinite(kp).all():
+        raise ValueError("render_heatmaps: keypoints contain NaN or inf")
+    if len(grid_shape) != 2 or min(grid_shape) < 1:
+        raise ValueError(f"render_heatmaps: grid_shape must be (h, w) >= 1, got {grid_shape!r}")
+    h, w = (int(s) for s in grid_shape)
+    out = np.zeros((NUM_CHANNELS, h, w), np.float32)
+    _render_keypoints(out[KEYPOINT_CHANNELS], kp, config)
+    _render_limbs(out[LIMB_CHANNELS], kp, config)
+    if person_mask is not None:
+        mask = np.asarray(person_mask, dtype=np.float32)
+        if mask.shape != (h, w):
+            raise ValueError(f"render_heatmaps: person_mask must be {(h, w)}, got shape {mask.shape}")
+        out[PERSON_MASK_CHANNEL] = cv2.erode(mask, _ERODE_KERNEL)
+    np.max(out[KEYPOINT_CHANNELS], axis=0, out=out[MAX_KEYPOINT_CHANNEL])
+    # Only the person mask can leave [0, 1] (a caller's mask); the Gaussians and the floor never do.
+    np.clip(out[PERSON_MASK_CHANNEL], 0.0, 1.0, out=out[PERSON_MASK_CHANNEL])
+    return out
+
+
+def _cells_in_boxes(r0: np.ndarray, r1: np.ndarray, c0: np.ndarray, c1: np.ndarray, shape: tuple[int, int]):
+    """All cells of N inclusive boxes [r0, r1] x [c0, c1] clipped to the grid, as one flat enumeration.
+
+    Returns (box, rows, cols), int64 arrays of equal length: the box index of every cell and its position.
+    Boxes that fall outside the grid contribute nothing (the reference's slicing does the same).
+    """
+    h, w = shape
+    r0, c0 = np.maximum(r0, 0), np.maximum(c0, 0)
+    nr = np.maximum(np.minimum(r1, h - 1) - r0 + 1, 0)
+    nc = np.maximum(np.minimum(c1, w - 1) - c0 + 1, 0)
+    sizes = nr * nc
+    box = np.repeat(np.arange(len(sizes)), sizes)
+    local_row, local_col = np.divmod(np.arange(box.size) - np.repeat(np.cumsum(sizes) - sizes, sizes), nc[box])
+    return box, r0[box] + local_row, c0[box] + local_col
+
+
+def _render_keypoints(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
+    """Max-combine the keypoint Gaussians of every person into `channels` (18, h, w) float32, in place."""
+    n_kp, h, w = channels.shape
+    person, k = np.nonzero(kp[..., 2] < 2)
+    x, y = kp[person, k, 0], kp[person, k, 1]
+    s, half = config.stride, config.keypoint_window
+    span = np.arange(-half, half + 1)
+    cols = np.rint(x / s).astype(np.int64)[:, None] + span  # (N, window) around round(x / stride)
+    rows = np.rint(y / s).astype(np.int64)[:, None] + span
+    scale = -0.5 / config.keypoint_sigma ** 2
+    gx = np.exp((cols * s + (s / 2 - 0.5) - x[:, None]) ** 2 * scale)  # the Gaussian is separable
+    gy = np.exp((rows * s + (s / 2 - 0.5) - y[:, None]) ** 2 * scale)
+    # Window cells outside the grid get weight 0 and are clipped onto it: a max with 0 changes nothing.
+    gx[(cols < 0) | (cols >= w)] = 0.0
+    gy[(rows < 0) | (rows >= h)] = 0.0
+    g = (gy[:, :, None] * gx[:, None, :]).astype(np.float32)  # (N, window, window)
+    if config.style == "paper":
+        g[g < config.keypoint_threshold] = 0.0
+    flat = ((k[:, None] * h + rows.clip(0, h - 1)) * w)[:, :, None] + cols.clip(0, w - 1)[:, None, :]
+    np.maximum.at(channels.reshape(-1), flat.ravel(), g.ravel())
+
+
+def _render_limbs(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
+    """Body-part maps of every person into `channels` (30, h, w) float32, in place (mean or max combine)."""
+    n_limbs, h, w = channels.shape
+    used = kp[..., 2] < 2
+    person, limb = np.nonzero(used[:, _LIMB_FROM] & used[:, _LIMB_TO])
+    a = kp[person, _LIMB_FROM[limb], :2]
+    b = kp[person, _LIMB_TO[limb], :2]
+    length = np.hypot(*(b - a).T)
+    keep = length > 0  # the reference skips zero-length limbs (a division by zero otherwise)
+    a, b, limb, length = a[keep], b[keep], limb[keep], length[keep]
+    s, off = config.stride, config.stride / 2 - 0.5
+    if config.style == "reference":
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        c_lo, c_hi = np.rint((lo - config.limb_margin) / s), np.rint((hi + config.limb_margin) / s)
+    else:  # every cell whose centre lies within the ellipse's bounding box
+        cos, sin = (np.abs(b - a) / length[:, None]).T
+        semi_major, semi_minor = length / 2, config.limb_half_width
+        extent = np.stack([np.hypot(semi_major * cos, semi_minor * sin),
+                           np.hypot(semi_major * sin, semi_minor * cos)], axis=1)
+        centre = (a + b) / 2 - off  # in units where cell j sits at s * j
+        c_lo, c_hi = np.ceil((centre - extent) / s), np.floor((centre + extent) / s)
+    c_lo, c_hi = c_lo.astype(np.int64), c_hi.astype(np.int64)
+    box, rows, cols = _cells_in_boxes(c_lo[:, 1], c_hi[:, 1], c_lo[:, 0], c_hi[:, 0], (h, w))
+    if box.size == 0:
+        return
+    # The distance to the infinite line through a and b is linear in (col, row) up to its sign: per box,
+    # t = (n . (cell - a)) / (sqrt(2) sigma) with n the line's normal over |b - a| + 1e-6 (the reference's).
+    normal = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], axis=1) * (
+        math.sqrt(0.5) / config.limb_sigma / (length + 1e-6))[:, None]
+    t = _linear_in_cells(normal, a, s, off, box, rows, cols)
+    g = np.exp(-(t * t))
+    flat = (limb[box] * h + rows) * w + cols
+    out = channels.reshape(-1)
+    if config.style == "reference":
+        g[g <= config.limb_threshold] = config.limb_floor
+        # Mean over persons: sum in place, then divide the few cells that several boxes share.
+        np.add.at(out, flat, g.astype(np.float32))
+        count = np.zeros(out.size, np.uint16)
+        np.add.at(count, flat, np.ones(flat.size, np.uint16))  # an array, not a scalar: numpy's fast path
+        shared = flat[count[flat] > 1]  # repeated indices all write the same mean
+        out[shared] = out[shared] / count[shared]
+    else:  # inside the ellipse: (along / semi-major)^2 + (distance / semi-minor)^2 <= 1
+        axis = (b - a) / (length * length / 2)[:, None]
+        along = _linear_in_cells(axis, (a + b) / 2, s, off, box, rows, cols)
+        t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
+        g[(along * along + (t / t_edge) ** 2 > 1.0) | (g < config.limb_threshold)] = 0.0
+        np.maximum.at(out, flat, g.astype(np.float32))
+
+
+def _linear_in_cells(direction: np.ndarray, origin: np.ndarray, stride: int, offset: float, box: np.ndarray,
+                     rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """direction[box] . (cell centre - origin[box]) for every enumerated cell, float64 (M,).
+
+    direction, origin: (N, 2) per box as (x, y); a cell's centre is (stride * col + offset, stride * row + offset).
+    """
+    constant = (direction * (offset - origin)).sum(axis=1)
+    return (direction[:, 0] * stride)[box] * cols + (direction[:, 1] * stride)[box] * rows + constant[box]
+
+
+def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """COCO person masks of one image (SPEC §2.5): (mask_miss, mask_all), uint8 (height, width) in {0, 255}.
+
+    annotations: the image's COCO person annotations in file order (dicts with `segmentation`, `iscrowd`,
+        `num_keypoints`; polygons, RLE or uncompressed RLE).
+    mask_miss is 0 (= not supervised) on persons with num_keypoints == 0 and on crowd regions, 255 elsewhere.
+    mask_all is 255 on every person and crowd region. A crowd region first loses its overlap with the non-crowd
+    persons that come before it in annotation order, as in the reference. Unlike the reference, which raises
+    on a second crowd annotation, every crowd region is handled the same way and their union is used.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"person_masks: image size must be positive, got {height}x{width}")
+    persons = np.zeros((height, width), bool)  # non-crowd persons so far
+    unlabelled = np.zeros((height, width), bool)
+    crowd = np.zeros((height, width), bool)
+    for ann in annotations:
+        if "segmentation" not in ann:
+            raise ValueError(f"person_masks: annotation {ann.get('id')!r} has no 'segmentation'")
+        region = _decode_segmentation(ann["segmentation"], height, width)
+        if ann.get("iscrowd", 0):
+            crowd |= region & ~persons
+        else:
+            persons |= region
+            if ann.get("num_keypoints", 0) == 0:
+                unlabelled |= region
+    mask_miss = np.where(unlabelled | crowd, 0, 255).astype(np.uint8)
+    mask_all = np.where(persons | crowd, 255, 0).astype(np.uint8)
+    return mask_miss, mask_all
+
+
+def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygon list, RLE, uncompressed RLE) to a bool (height, width) mask."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)) if segmentation else None
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict):
+        rle = segmentation
+    else:
+        raise ValueError(f"person_masks: unsupported segmentation of type {type(segmentation).__name__}")
+    if rle is None:
+        return np.zeros((height, width), bool)
+    if tuple(rle["size"]) != (height, width):
+        raise ValueError(f"person_masks: RLE size {rle['size']} does not match the image {height}x{width}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Targets and mask at the network's output scales, highest resolution first (SPEC §2.6).
+
+    targets: (N, C, H, W) float; mask: (N, 1, H, W) float in [0, 1]; H and W divisible by 2**(num_scales-1).
+    Scale k (size H/2**k): targets by adaptive average pooling (exact block means), the mask by bilinear
+    interpolation (align_corners=False, no antialiasing) with values < 0.5 set to 0 (the rest kept as is).
+    Returns a list of num_scales (targets_k, mask_k) pairs.
+    """
+    if not isinstance(targets, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError(f"pool_targets: targets and mask must be tensors, got {type(targets).__name__}, "
+                        f"{type(mask).__name__}")
+    if targets.ndim != 4 or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != targets.shape[0] \
+            or mask.shape[2:] != targets.shape[2:]:
+        raise ValueError(f"pool_targets: need targets (N, C, H, W) and mask (N, 1, H, W), got "
+                         f"{tuple(targets.shape)} and {tuple(mask.shape)}")
+    factor = 2 ** (num_scales - 1)
+    height, width = targets.shape[2:]
+    if num_scales < 1 or height % factor or width % factor:
+        raise ValueError(f"pool_targets: H, W = {height}, {width} must be divisible by 2**(num_scales-1) = "
+                         f"{factor}")
+    scales = []
+    for k in range(num_scales):
+        size = (height >> k, width >> k)
+        mask_k = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+        scales.append((F.adaptive_avg_pool2d(targets, size), mask_k.masked_fill(mask_k < 0.5, 0.0)))
+    return scales

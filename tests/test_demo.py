@@ -1,0 +1,104 @@
+"""The demo command and its sample set: the parts in process, then the whole demo once in a subprocess."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import demo
+from pipelines import storage
+from pipelines.samples import broken_objects, png_header, sample_images
+from simplepose.skeleton import COCO_KEYPOINTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_samples_are_deterministic_and_seeded():
+    first, again, other = sample_images(3, seed=7), sample_images(3, seed=7), sample_images(3, seed=8)
+    assert [s.data for s in first] == [s.data for s in again]
+    assert all(a.data != b.data for a, b in zip(first, other))
+    assert [s.name for s in first] == ["figures/000.jpg", "figures/001.jpg", "figures/002.jpg"]
+    assert [s.data for s in broken_objects(3)] == [s.data for s in broken_objects(3)]
+
+
+def test_sample_keypoints_lie_on_the_drawn_figures():
+    for sample in sample_images(4, seed=2, size=(200, 300)):
+        image = np.asarray(Image.open(io.BytesIO(sample.data)))
+        assert image.shape == (200, 300, 3)
+        kp = sample.keypoints
+        assert kp.dtype == np.float32 and kp.shape[1:] == (len(COCO_KEYPOINTS), 3) and 1 <= len(kp) <= 3
+        assert (kp[..., 0] >= 0).all() and (kp[..., 0] <= 299).all() and (kp[..., 1] >= 0).all()
+        assert (kp[..., 1] <= 199).all() and (kp[..., 2] == 2).all()
+        index = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
+        # Facing the viewer: the person's left side is on the image's right; the head is above the feet.
+        assert (kp[:, index["left_hip"], 0] > kp[:, index["right_hip"], 0]).all()
+        assert (kp[:, index["nose"], 1] < kp[:, index["left_hip"], 1]).all()
+
+
+def test_png_header_declares_the_size():
+    header = Image.open(io.BytesIO(png_header(300, 200)))
+    assert (header.format, header.size) == ("PNG", (300, 200))
+
+
+def test_demo_parts_upload_and_a_loadable_random_model():
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    with demo.loopback_s3() as endpoint:
+        assert os.environ["AWS_ENDPOINT_URL"] == endpoint
+        assert demo.upload_samples(2, seed=0) == 2 + len(broken_objects())
+        fs, _ = storage.filesystem(f"s3://{demo.BUCKET}")
+        assert fs.cat_file(f"{demo.BUCKET}/images/broken/empty.jpg") == b""
+        from pipelines.label_stages import load_model
+
+        uri = demo.save_random_model(seed=0)
+        model = load_model(uri)
+        assert (model.config.stacks, model.config.width, model.config.increase) == (1, 32, 8)
+        assert not model.training
+    assert os.environ.get("AWS_ENDPOINT_URL") == before
+
+
+def run_interruptibly(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run with a timeout that sends SIGINT (Ray cleans up on SIGINT, not on SIGKILL: notes/STACK.md P11)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"{' '.join(command)} ran over {timeout} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    images = 3
+    result = run_interruptibly([sys.executable, "-m", "jobs.cli", "demo", "--workdir", str(tmp_path),
+                                "--images", str(images)], timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    out = result.stdout
+    for status, count in (("ok", images), ("empty", 1), ("decode_error", 2), ("too_large", 1)):
+        assert f"{status:>15}: {count:3d}" in out
+    assert "WEIGHTS: an untrained IMHN(stacks=1, width=32, increase=8)" in out
+    assert "broken/truncated.jpg: decode_error: JPEG data is corrupt or truncated" in out
+
+    assert (tmp_path / "run" / "_SUCCESS").exists()
+    table = pq.read_table(tmp_path / "run" / "images")
+    statuses = dict(zip(table["image_id"].to_pylist(), table["status"].to_pylist()))
+    expected = {s.name: s.expected_status for s in sample_images(images) + broken_objects()}
+    assert statuses == expected
+    assert pq.read_table(tmp_path / "run" / "poses").schema.names[:3] == ["run_id", "image_id", "uri"]
+    overlays = sorted((tmp_path / "overlays").iterdir())
+    assert len(overlays) == images and all(p.stat().st_size > 0 for p in overlays)
+
+
+def test_demo_help():
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0 and "--workdir" in result.stdout and "--model" in result.stdout

@@ -1,0 +1,217 @@
+"""Unit tests of the labeling job's parts without Ray: tables, storage helpers, the run folder protocol,
+the chunk writer and every stage called on a hand-made dict batch. The model has random weights: these
+tests check plumbing (rows, statuses, shapes), not pose quality."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import label_run, storage, tables
+from pipelines.label import ChunkWriter, LabelJobConfig, chunk_tables, describe_model
+from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import torch
+
+    from simplepose.checkpoint import save_checkpoint
+    from simplepose.model import IMHN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(IMHN(stacks=1, width=32, increase=8), path, {"name": "tiny-random"})
+    return str(path)
+
+
+def _pose_rows():
+    """Two images: the first with 2 persons (given in increasing score order), the second with none."""
+    kp = np.zeros((2, 17, 3), np.float32)
+    kp[0, 0] = (10, 20, 0.9)
+    kp[1, 1:6] = (30, 40, 0.5)
+    base = {"status": "ok", "error": "", "size_bytes": 100, "width": 64, "height": 48}
+    return [
+        {**base, "input_index": 0, "image_id": "a", "uri": "s3://b/a.jpg", "num_persons": 2,
+         "pose_keypoints": kp.tobytes(), "pose_scores": np.array([0.2, 0.7], np.float32).tobytes(),
+         "pose_boxes": np.ones((2, 4), np.float32).tobytes()},
+        {**base, "input_index": 1, "image_id": "b", "uri": "s3://b/b.jpg", "num_persons": 0,
+         "pose_keypoints": b"", "pose_scores": b"", "pose_boxes": b""},
+    ]
+
+
+RUN = {"run_id": "r1", "model_name": "tiny", "model_version": "v1"}
+
+
+def test_chunk_tables_schema_ranks_and_missing_keypoints():
+    meta = tables.table_metadata(RUN)
+    images, poses = chunk_tables(_pose_rows(), RUN, meta)
+    assert images.schema.equals(tables.IMAGES_SCHEMA) and poses.schema.equals(tables.POSES_SCHEMA)
+    assert images["num_persons"].to_pylist() == [2, 0] and images["run_id"].to_pylist() == ["r1", "r1"]
+    assert poses.num_rows == 2 and poses["image_id"].to_pylist() == ["a", "a"]
+    assert poses["person_index"].to_pylist() == [1, 0]  # the 0.7 person ranks first
+    assert poses["nose_x"].to_pylist() == [10, None] and poses["nose_score"].to_pylist()[1] == 0
+    assert poses["left_eye_y"].to_pylist() == [None, 40]
+    assert poses["num_keypoints"].to_pylist() == [1, 5]
+    described = tables.read_metadata(poses)
+    assert described["keypoints"] == list(COCO_KEYPOINTS)
+    assert described["skeleton"] == [list(p) for p in COCO_SKELETON] and described["run"]["run_id"] == "r1"
+
+
+def test_parquet_bytes_read_by_pandas_and_duckdb(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    _, poses = chunk_tables(_pose_rows(), RUN, tables.table_metadata(RUN))
+    path = tmp_path / "poses.parquet"
+    path.write_bytes(tables.to_parquet_bytes(poses))
+    assert tables.read_metadata(pq.read_schema(path))["schema_version"] == tables.SCHEMA_VERSION
+    best = duckdb.sql(f"SELECT score FROM '{path}' WHERE person_index = 0").fetchall()
+    assert best == [(pytest.approx(0.7),)]
+    import pandas as pd
+
+    assert len(pd.read_parquet(path)) == 2
+
+
+def test_rank_within_groups_ties_are_stable():
+    groups = np.array(["a", "a", "a", "b", "b"], dtype=object)
+    ranks = tables._rank_within_groups(groups, np.array([0.5, 0.9, 0.5, 0.1, 0.3], np.float32))
+    assert ranks.tolist() == [1, 0, 2, 1, 0]
+
+
+def test_iter_input_uris_prefix_glob_and_manifests(tmp_path):
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("b.jpg", "a.jpg", "sub/c.png", "_skip.jpg", ".hidden"):
+        (tmp_path / "imgs" / name).write_bytes(b"x")
+    found = list(storage.iter_input_uris(str(tmp_path / "imgs")))
+    assert [i for i, _ in found] == ["a.jpg", "b.jpg", "sub/c.png"]
+    assert all(u.startswith("file://") for _, u in found)
+    assert [i for i, _ in storage.iter_input_uris(str(tmp_path / "imgs" / "*.jpg"))] == ["a.jpg", "b.jpg"]
+    (tmp_path / "list.txt").write_text("# comment\ns3://b/1.jpg\n\ns3://b/2.jpg\n")
+    assert list(storage.iter_input_uris(str(tmp_path / "list.txt"))) == [("s3://b/1.jpg",) * 2, ("s3://b/2.jpg",) * 2]
+    (tmp_path / "m.csv").write_text("image_id,uri\n7,s3://b/7.jpg\n")
+    assert list(storage.iter_input_uris(str(tmp_path / "m.csv"))) == [("7", "s3://b/7.jpg")]
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"uri": ["s3://b/9.jpg"]}), tmp_path / "m.parquet")
+    assert list(storage.iter_input_uris(str(tmp_path / "m.parquet"))) == [("s3://b/9.jpg", "s3://b/9.jpg")]
+
+
+def test_read_objects_retries_transient_errors_only(tmp_path, monkeypatch):
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"abc")
+    calls = []
+    real = storage._cat_grouped
+
+    def flaky(uris, options):
+        calls.append(list(uris))
+        if len(calls) == 1:  # first attempt: a transient failure for every object
+            return iter([(i, TimeoutError("slow down")) for i in range(len(uris))])
+        return real(uris, options)
+
+    monkeypatch.setattr(storage, "_cat_grouped", flaky)
+    out = storage.read_objects([str(good), str(tmp_path / "missing.bin")], retries=2, backoff_s=0)
+    assert out[0] == b"abc" and isinstance(out[1], FileNotFoundError)
+    assert len(calls) == 2  # the missing object is not retried a third time
+
+
+def test_redact_hides_secrets():
+    shown = storage.redact({"endpoint_url": "http://x", "secret": "s", "client_kwargs": {"aws_secret_access_key": "k"}})
+    assert shown == {"endpoint_url": "http://x", "secret": "***", "client_kwargs": {"aws_secret_access_key": "***"}}
+
+
+def test_run_folder_freeze_start_and_overwrite(tmp_path):
+    folder = label_run.RunFolder(str(tmp_path / "out"))
+    run = {"run_id": "r1", "settings": {"boxsize": 640}}
+    assert folder.start(run, overwrite=False) is False
+    assert folder.start(run, overwrite=False) is True
+    uris = ((f"{i}", f"s3://b/{i}.jpg") for i in range(5))
+    assert folder.freeze_inputs(uris, chunk_size=2) == (3, 5)
+    assert folder.freeze_inputs(iter(()), chunk_size=2) == (3, 5)  # frozen: the new listing is ignored
+    last = pq.read_table(str(tmp_path / "out" / "_inputs" / label_run.part_name(2)))
+    assert last["input_index"].to_pylist() == [4]
+    with pytest.raises(ValueError, match="changed: boxsize"):
+        folder.start({"run_id": "r2", "settings": {"boxsize": 512}}, overwrite=False)
+    assert folder.start({"run_id": "r2", "settings": {}}, overwrite=True) is False
+    assert not (tmp_path / "out" / "_inputs").exists()
+    assert label_run.chunk_of("part-000012.parquet") == 12 and label_run.chunk_of(".part-1.tmp") is None
+
+
+def test_chunk_writer_commits_complete_chunks_once(tmp_path):
+    folder = label_run.RunFolder(str(tmp_path / "out"))
+    rows = _pose_rows() + [{**_pose_rows()[1], "input_index": 2, "image_id": "c", "status": "decode_error"}]
+    writer = ChunkWriter(folder, RUN, chunk_size=2, objects=3, pending=[0, 1], progress_interval_s=0)
+
+    def batch(selected):
+        return {name: np.array([r[name] for r in selected], dtype=object) for name in selected[0]}
+
+    writer.add(batch([rows[0]]))
+    assert folder.committed_chunks() == set()
+    writer.add(batch([rows[2], rows[0]]))  # row 0 delivered twice (a retried task): stored once
+    assert folder.committed_chunks() == {1}
+    writer.add(batch([rows[1]]))
+    writer.check_done()
+    assert folder.committed_chunks() == {0, 1} and writer.rows_written == 3 and writer.failed == 1
+    totals = folder.totals()
+    assert totals["images"] == 3 and totals["persons"] == 2 and totals["status"] == {"ok": 2, "decode_error": 1}
+
+
+def test_label_job_config_validates():
+    with pytest.raises(ValueError, match="decode_actors"):
+        LabelJobConfig(input="a", output="b", model="c", decode_actors=(2, 1))
+    with pytest.raises(ValueError):
+        LabelJobConfig(input="a", output="b", model="c", mode="nonsense")
+    config = LabelJobConfig(input="a", output="b", model="c", mode="reference", storage_options={"secret": "x"})
+    assert config.infer_config().aggregation == "reference" and "secret" not in json.dumps(config.settings())
+    assert LabelJobConfig(input="a", output="b", model="c").infer_config().aggregation == "stride4"
+
+
+def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
+    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_objects_batch
+
+    image = sorted((coco_mini / "train2017").glob("*.jpg"))[0]
+    (tmp_path / "truncated.jpg").write_bytes(image.read_bytes()[:2000])
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    uris = [str(image), str(tmp_path / "truncated.jpg"), str(tmp_path / "text.jpg"), str(tmp_path / "empty.jpg"),
+            str(tmp_path / "missing.jpg")]
+    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=128)
+    batch = {"input_index": np.arange(5), "image_id": np.array(uris, dtype=object), "uri": np.array(uris, dtype=object)}
+    batch = read_objects_batch(batch, retries=0)
+    assert batch["status"].tolist() == ["ok", "ok", "ok", "empty", "read_error"]
+    batch = DecodeStage(config.infer_config(), config.max_pixels)(batch)
+    assert batch["status"].tolist() == ["ok", "decode_error", "decode_error", "empty", "read_error"]
+    assert batch["width"][0] > 0 and batch["inputs"][0] and batch["inputs"][1] == b""
+    assert "data" not in batch  # the bytes are dropped after decoding
+    batch = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
+    assert batch["status"][0] == "ok" and batch["candidates"][0]
+    batch = AssembleStage(config.decoder_config())(batch)
+    keypoints = np.frombuffer(batch["pose_keypoints"][0], np.float32).reshape(-1, 17, 3)
+    assert keypoints.shape[0] == batch["num_persons"][0] and batch["num_persons"][1:].tolist() == [0] * 4
+    assert describe_model(tiny_checkpoint)[1:] == ("tiny-random", describe_model(tiny_checkpoint)[2])
+
+
+def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
+    import pickle
+
+    from pipelines.label_stages import NetworkStage
+    from simplepose.infer import ScaleInput
+
+    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
+    good = [ScaleInput(np.full((64, 64, 3), 100, np.uint8), 1.0, (64, 64), (64, 64))]
+    bad = [ScaleInput(np.zeros((60, 64, 3), np.uint8), 1.0, (60, 64), (60, 64))]  # not a multiple of 64
+    batch = {"input_index": np.arange(2), "image_id": np.array(["g", "b"], dtype=object),
+             "uri": np.array(["g", "b"], dtype=object), "status": np.array(["ok", "ok"], dtype=object),
+             "error": np.array(["", ""], dtype=object), "size_bytes": np.zeros(2, np.int64),
+             "width": np.full(2, 64), "height": np.full(2, 64),
+             "inputs": np.array([pickle.dumps(good), pickle.dumps(bad)], dtype=object)}
+    out = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
+    assert out["status"].tolist() == ["ok", "inference_error"] and "multiples of 64" in out["error"][1]
+
+
+def test_label_help_runs():
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "--model" in result.stdout and "--overwrite" in result.stdout
