@@ -3,7 +3,8 @@
 It starts an S3-protocol server on loopback (moto's standalone server), uploads a generated sample set
 (`pipelines.samples`: stick figures plus broken objects), runs the real labeling job
 (`pipelines.label.run_label_job`, Ray Data on a local Ray) from `s3://` to Parquet tables in `s3://`,
-reads the tables back, copies the run into WORKDIR/run and renders overlays into WORKDIR/overlays.
+reads the tables back, copies the run into WORKDIR/RUN_ID/tables and renders overlays into
+WORKDIR/RUN_ID/overlays.
 
 Weights: the repository ships none. Without --model the demo saves a tiny randomly initialised IMHN
 (1 stack, width 32) to the bucket and labels with it: the detected poses are meaningless, the run shows
@@ -25,15 +26,17 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.render import render_run
 from pipelines import storage
 from pipelines.images import STATUSES
+from pipelines.label import LabelJobConfig, run_label_job
 from pipelines.samples import broken_objects, sample_images
 
 LOG = logging.getLogger(__name__)
 
 BUCKET = "simplepose-demo"
 TINY_MODEL = {"stacks": 1, "width": 32, "increase": 8}
-"""The random demo network: IMHN(stacks=1, width=32, increase=8), about 0.1 M parameters."""
+"""The random demo network: IMHN(stacks=1, width=32, increase=8), 0.34 M parameters."""
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
                      "AWS_EC2_METADATA_DISABLED": "true"}
 QUIET_RAY = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
@@ -41,7 +44,7 @@ QUIET_RAY = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_B
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="out/demo",
-                        help="local folder for the copied run tables and the overlays (default %(default)s)")
+                        help="local folder for the copied run and the overlays, in RUN_ID/ (default %(default)s)")
     parser.add_argument("--images", type=int, default=8, help="synthetic images to label (default %(default)s)")
     parser.add_argument("--model", default=None,
                         help="checkpoint URI or models:/NAME@ALIAS to label with (default: tiny random weights)")
@@ -67,14 +70,14 @@ def main(args: argparse.Namespace) -> int:
         run_uri = summary.output
         print(f"\nlabeling job finished (weights: see the end):\n  {summary.format()}\n")
         show_tables(run_uri)
+        # One folder per run id (inputs + model + options), so a rerun never mixes files of different runs.
+        tables_dir, overlays_dir = workdir / summary.run_id / "tables", workdir / summary.run_id / "overlays"
         fs, run_path = storage.filesystem(run_uri)
-        fs.get(run_path, str(workdir / "run"), recursive=True)
-        from jobs.render import render_run
-
-        rendered = render_run(run_uri, str(workdir / "overlays"), limit=None)
-    print(f"\ntables copied to {workdir / 'run'} (query them with DuckDB: "
-          f"SELECT status, count(*) FROM '{workdir / 'run' / 'images' / '*.parquet'}' GROUP BY status)")
-    print(f"{rendered.images} overlays ({rendered.persons} persons drawn) in {workdir / 'overlays'}")
+        fs.get(f"{run_path}/", f"{tables_dir}/", recursive=True)  # trailing slashes: copy the contents
+        rendered = render_run(run_uri, str(overlays_dir), limit=None)
+    print(f"\nrun copied to {tables_dir} (query it with DuckDB: "
+          f"SELECT status, count(*) FROM '{tables_dir / 'images' / '*.parquet'}' GROUP BY status)")
+    print(f"{rendered.images} overlays ({rendered.persons} persons drawn) in {overlays_dir}")
     if args.model is None:
         print(f"\nWEIGHTS: an untrained IMHN({', '.join(f'{k}={v}' for k, v in TINY_MODEL.items())}) with the "
               f"reference's random initialisation, seed {args.seed}; the repository ships no trained weights. "
@@ -93,8 +96,11 @@ def main(args: argparse.Namespace) -> int:
 def loopback_s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (free port) for the duration; AWS_ENDPOINT_URL and dummy credentials are
     set for this process (and the Ray workers it starts) and restored afterwards. Yields the endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as error:
+        raise RuntimeError("simplepose demo needs the local stack: pip install 'simplepose[local]' "
+                           f"(moto[server]); {error}") from error
     for noisy in ("werkzeug", "botocore", "aiobotocore"):  # per-request and "found credentials" INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -150,7 +156,9 @@ def local_ray() -> Iterator[None]:
     import ray
 
     with tempfile.TemporaryDirectory(prefix="sp-ray-", dir="/tmp") as temp_dir:  # short: AF_UNIX path limit
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=512 << 20,
+        # address="local": never join $RAY_ADDRESS, whose workers could not reach this loopback S3 server.
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 object_store_memory=512 << 20,
                  logging_level=logging.ERROR, log_to_driver=False, _temp_dir=temp_dir)
         try:
             yield
@@ -160,8 +168,6 @@ def local_ray() -> Iterator[None]:
 
 def label(model_uri: str, boxsize: int):
     """Run the labeling job on s3://BUCKET/images/ into s3://BUCKET/runs/demo; returns its LabelSummary."""
-    from pipelines.label import LabelJobConfig, run_label_job
-
     config = LabelJobConfig(input=f"s3://{BUCKET}/images/", output=f"s3://{BUCKET}/runs/demo", model=model_uri,
                             boxsize=boxsize, device="cpu", progress_interval_s=5.0)
     return run_label_job(config)
@@ -174,8 +180,9 @@ def show_tables(run_uri: str) -> None:
     poses = pq.read_table(f"{path}/poses", filesystem=fs)
     print(f"images table: {images.num_rows} rows; poses table: {poses.num_rows} rows")
     counts = images.group_by("status").aggregate([("status", "count")]).to_pylist()
-    for row in sorted(counts, key=lambda r: list(STATUSES).index(r["status"])):
-        print(f"  {row['status']:>15}: {row['status_count']:3d}  ({STATUSES[row['status']]})")
+    order = {status: i for i, status in enumerate(STATUSES)}
+    for row in sorted(counts, key=lambda r: order.get(r["status"], len(order))):
+        print(f"  {row['status']:>15}: {row['status_count']:3d}  ({STATUSES.get(row['status'], '?')})")
     failures = images.filter(pc.not_equal(images["status"], "ok")).sort_by("input_index")
     for row in failures.select(["image_id", "status", "error"]).to_pylist():
         print(f"  {row['image_id']}: {row['status']}: {row['error']}")

@@ -5,8 +5,8 @@ MODEL is a checkpoint path/URI (ours or the authors') or a registry URI (models:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    from pipelines.evaluate import EvalTracking, run_evaluation
+    from pipelines.evaluate import EvalTracking, infer_config_for, run_evaluation
     from simplepose.decode import DecoderConfig
-    from simplepose.infer import PRESETS
 
-    if args.preset not in PRESETS:
-        raise SystemExit(f"simplepose evaluate: unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-    changes = {key: value for key, value in (("scales", args.scales and tuple(args.scales)),
-                                             ("flip", args.flip), ("boxsize", args.boxsize)) if value is not None}
-    infer_config = dataclasses.replace(PRESETS[args.preset], **changes)
+    infer_config = infer_config_for(args.preset, args.scales, args.flip, args.boxsize)
     track = None
     if not args.no_mlflow:
         track = EvalTracking(tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -6,6 +6,7 @@ which is what a 500-5000 image evaluation set needs. Images are fetched in concu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from pipelines import registry, tracking
 from simplepose.checkpoint import load_model
 from simplepose.coco import evaluate_keypoints
 from simplepose.decode import DecoderConfig, coco_results, decode
-from simplepose.infer import InferConfig, predict_heatmaps, prepare_model
+from simplepose.infer import PRESETS, InferConfig, predict_heatmaps, prepare_model
 
 LOG = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ class EvalResult:
     num_detections: int
     seconds: float
     run_id: str | None = None
+
+
+def infer_config_for(preset: str, scales: tuple[float, ...] | None = None, flip: bool | None = None,
+                     boxsize: int | None = None) -> InferConfig:
+    """The named inference preset (`simplepose.infer.PRESETS`) with the given fields overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"infer_config_for: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    changes = {key: value for key, value in (("scales", scales and tuple(scales)), ("flip", flip),
+                                             ("boxsize", boxsize)) if value is not None}
+    return dataclasses.replace(PRESETS[preset], **changes)
 
 
 def load_annotations(uri: str) -> dict:
@@ -122,14 +133,17 @@ def run_evaluation(model_uri: str, annotations: str, images: str, infer_config: 
             handle.write(payload)
     result = EvalResult(stats, results_uri or "", len(image_ids), len(results), time.perf_counter() - started)
     if track is not None:
-        result = _log(result, payload, model_uri, annotations, images, infer_config, decoder_config, track)
+        result = log_evaluation(result, payload, model_uri, annotations, images, infer_config, decoder_config,
+                                track)
     LOG.info("evaluated %s on %d images in %.1f s: AP %.4f", model_uri, len(image_ids), result.seconds,
              stats["AP"])
     return result
 
 
-def _log(result: EvalResult, payload: str, model_uri: str, annotations: str, images: str,
-         infer_config: InferConfig, decoder_config: DecoderConfig, track: EvalTracking) -> EvalResult:
+def log_evaluation(result: EvalResult, payload: str, model_uri: str, annotations: str, images: str,
+                   infer_config: InferConfig, decoder_config: DecoderConfig, track: EvalTracking) -> EvalResult:
+    """Log one evaluation to a new MLflow run (params, `coco_<stat>` metrics, the results JSON `payload` as
+    `results/<set>_results.json`); for a models:/ URI also tag the model version. Returns it with run_id."""
     client = tracking.client(track.tracking_uri)
     experiment_id = tracking.ensure_experiment(client, track.experiment, track.artifact_location)
     set_name = track.set_name or annotations.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]

@@ -95,7 +95,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
                  background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
     """Decode encoded image bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, ...) to uint8 BGR; never raises on bad data.
 
-    max_pixels: refuse images whose header declares more than this many pixels (width * height).
+    max_pixels: refuse images whose header declares more than this many pixels (width * height). Pillow
+      refuses headers above 2 * PIL.Image.MAX_IMAGE_PIXELS (178 956 970 by default) by itself: those are
+      too_large whatever max_pixels says, with width and height 0 (Pillow does not report them).
     background: BGR colour (0-255) that transparent pixels are composited over.
     Raises TypeError/ValueError only for invalid arguments (not bytes-like, max_pixels < 1, bad background).
     """

@@ -8,9 +8,10 @@ takes every CPU makes Ray Data wait forever).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -83,17 +84,28 @@ def _cuda_bf16() -> bool:
     return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
-def build_dataset(config, model_uri: str, chunk_uris: list[str], resources: Mapping[str, float]):
-    """The lazy Ray Dataset: frozen chunks -> read -> decode -> network -> assembly (one row per object)."""
+def source(config, chunk_uris: list[str]):
+    """The rows (input_index, image_id, uri) of the frozen input chunks, one block per chunk."""
     import ray.data
+
+    dataset = ray.data.from_items([{"chunk_uri": uri} for uri in chunk_uris], override_num_blocks=len(chunk_uris))
+    dataset = dataset.map_batches(list_chunk_rows, batch_size=1, num_cpus=config.read_cpus,
+                                  fn_kwargs={"storage_options": dict(config.storage_options)})
+    # Ray Data would otherwise keep a chunk's (or several chunks') URIs in one block, and every later stage
+    # would run that block as one task: no pipelining between stages and no parallelism within one.
+    return dataset.repartition(target_num_rows_per_block=config.read_batch_size)
+
+
+def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple[str, Callable]]:
+    """[(name, dataset -> dataset)] for read, decode, network and assembly, each its own operator."""
     from ray.data import ActorPoolStrategy
 
     device, precision = resolve_device(config, resources)
     network_resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": config.network_cpus}
     network_actors = config.network_actors
-    if device == "cuda":  # one GPU each: never ask for more actors than GPUs
+    if device == "cuda":  # one GPU each: never more actors than GPUs
         gpus = max(1, int(resources.get("GPU", 1)))
-        network_actors = (min(network_actors[0], gpus), min(max(network_actors[1], gpus), gpus))
+        network_actors = (min(network_actors[0], gpus), gpus)
     LOG.info("network actors %s on %s (%s)", network_actors, device, precision)
     options = dict(config.storage_options)
     infer, decoder = config.infer_config(), config.decoder_config()
@@ -101,20 +113,30 @@ def build_dataset(config, model_uri: str, chunk_uris: list[str], resources: Mapp
     def pool(sizes: tuple[int, int]) -> ActorPoolStrategy:
         return ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
-    dataset = ray.data.from_items([{"chunk_uri": uri} for uri in chunk_uris], override_num_blocks=len(chunk_uris))
-    dataset = dataset.map_batches(list_chunk_rows, batch_size=1, fn_kwargs={"storage_options": options},
-                                  num_cpus=config.read_cpus)
-    dataset = dataset.map_batches(read_objects_batch, batch_size=config.read_batch_size, num_cpus=config.read_cpus,
-                                  fn_kwargs={"storage_options": options, "retries": config.read_retries})
-    dataset = dataset.map_batches(DecodeStage, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus,
-                                  compute=pool(config.decode_actors),
-                                  fn_constructor_kwargs={"infer_config": infer, "max_pixels": config.max_pixels})
-    dataset = dataset.map_batches(
-        NetworkStage, batch_size=config.network_batch_size, compute=pool(network_actors), **network_resources,
-        fn_constructor_kwargs={"model_uri": model_uri, "infer_config": infer, "decoder_config": decoder,
-                               "device": device, "precision": precision,
-                               "network_batch_size": config.network_batch_size,
-                               "threads": max(1, int(config.network_cpus)), "storage_options": options})
-    return dataset.map_batches(AssembleStage, batch_size=config.assemble_batch_size, num_cpus=config.assemble_cpus,
-                               compute=pool(config.assemble_actors),
-                               fn_constructor_kwargs={"decoder_config": decoder})
+    read = dict(fn=read_objects_batch, batch_size=config.read_batch_size, num_cpus=config.read_cpus,
+                fn_kwargs={"storage_options": options, "retries": config.read_retries})
+    decode = dict(fn=DecodeStage, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus,
+                  compute=pool(config.decode_actors),
+                  fn_constructor_kwargs={"infer_config": infer, "max_pixels": config.max_pixels})
+    network = dict(fn=NetworkStage, batch_size=config.network_batch_size, compute=pool(network_actors),
+                   **network_resources,
+                   fn_constructor_kwargs={"model_uri": model_uri, "infer_config": infer, "decoder_config": decoder,
+                                          "device": device, "precision": precision,
+                                          "network_batch_size": config.network_batch_size,
+                                          "threads": max(1, int(config.network_cpus)), "storage_options": options})
+    assemble = dict(fn=AssembleStage, batch_size=config.assemble_batch_size, num_cpus=config.assemble_cpus,
+                    compute=pool(config.assemble_actors), fn_constructor_kwargs={"decoder_config": decoder})
+    return [(name, functools.partial(_map_batches, **kwargs))
+            for name, kwargs in (("read", read), ("decode", decode), ("network", network), ("assemble", assemble))]
+
+
+def _map_batches(dataset, fn, **kwargs):
+    return dataset.map_batches(fn, **kwargs)
+
+
+def build_dataset(config, model_uri: str, chunk_uris: list[str], resources: Mapping[str, float]):
+    """The lazy Ray Dataset: frozen chunks -> read -> decode -> network -> assembly (one row per object)."""
+    dataset = source(config, chunk_uris)
+    for _, apply in stages(config, model_uri, resources):
+        dataset = apply(dataset)
+    return dataset

@@ -93,8 +93,10 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, persons: int) 
 
     Returns (image uint8 (height, width, 3) BGR, keypoints float32 (persons, 17, 3) COCO order, v = 2).
     """
+    if persons < 0:
+        raise ValueError(f"draw_scene: persons must be >= 0, got {persons}")
     image = _background(rng, height, width)
-    slot = width / persons
+    slot = width / max(persons, 1)
     keypoints = []
     for p in range(persons):
         body = rng.uniform(0.45, 0.85) * height

@@ -5,6 +5,7 @@ MLflow run found by tag `simplepose.run_name`), so step metrics continue on the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,9 +17,20 @@ from pipelines.train_config import TrainConfig
 LOG = logging.getLogger(__name__)
 
 
-def storage_uri(path: str) -> str:
-    """Ray Train storage: object-store URIs as they are, local folders made absolute (workers' cwd differs)."""
-    return path if "://" in path else str(Path(path).resolve())
+def absolute_uri(path: str) -> str:
+    """URIs (s3://, file://, models:/) as they are; local paths made absolute, since Ray workers run in
+    another working directory."""
+    return path if "://" in path or path.startswith("models:/") else str(Path(path).resolve())
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """`config` with its local data, storage and init paths made absolute (`absolute_uri`)."""
+    data = dataclasses.replace(config.data, annotations=absolute_uri(config.data.annotations),
+                               images=absolute_uri(config.data.images))
+    init = config.checkpoint.init_from
+    checkpoint = dataclasses.replace(config.checkpoint, storage_path=absolute_uri(config.checkpoint.storage_path),
+                                     init_from=init and absolute_uri(init))
+    return dataclasses.replace(config, data=data, checkpoint=checkpoint)
 
 
 def _flat(prefix: str, value) -> dict[str, str]:
@@ -60,6 +72,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    config = with_absolute_paths(config)
     client, uri, run_id, resumed = start_tracking(config)
     LOG.info("MLflow run %s (%s) for Ray run %r", run_id, "resumed" if resumed else "new",
              config.checkpoint.run_name)
@@ -74,7 +87,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources or None),
-        run_config=RunConfig(name=config.checkpoint.run_name, storage_path=storage_uri(config.checkpoint.storage_path),
+        run_config=RunConfig(name=config.checkpoint.run_name, storage_path=config.checkpoint.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
                              failure_config=FailureConfig(max_failures=config.checkpoint.max_failures)))
     try:
@@ -96,22 +109,18 @@ def run_training(config: TrainConfig) -> TrainResult:
                                                      "code_version": tracking.code_version()})
     client.set_terminated(run_id, status="FINISHED")
     outcome = TrainResult(run_id, version, checkpoint_uri, dict(result.metrics or {}))
-    return _chain(config, outcome, client, uri) if config.evaluation else outcome
+    return evaluate_and_promote(config, outcome, client, uri) if config.evaluation else outcome
 
 
-def _chain(config: TrainConfig, outcome: TrainResult, client, uri: str) -> TrainResult:
-    """The retraining chain after training: evaluate the new version on the configured set, then promote."""
-    import dataclasses
-
-    from pipelines.evaluate import EvalTracking, run_evaluation
-    from simplepose.infer import PRESETS
+def evaluate_and_promote(config: TrainConfig, outcome: TrainResult, client, uri: str) -> TrainResult:
+    """The retraining chain after training: evaluate the registered version `outcome.model_version` on
+    `config.evaluation`'s set, then (with `config.promote`) promote it; returns `outcome` with both results."""
+    from pipelines.evaluate import EvalTracking, infer_config_for, run_evaluation
 
     if outcome.model_version is None:
         raise ValueError("TrainConfig.evaluation needs tracking.register: the chain evaluates the registered version")
     spec = config.evaluation
-    infer_config = PRESETS[spec.preset]
-    changes = {k: v for k, v in (("scales", spec.scales), ("flip", spec.flip)) if v is not None}
-    infer_config = dataclasses.replace(infer_config, **changes)
+    infer_config = infer_config_for(spec.preset, spec.scales, spec.flip)
     model_uri = f"models:/{config.tracking.registered_model}/{outcome.model_version}"
     track = EvalTracking(tracking_uri=uri, experiment=config.tracking.experiment,
                          artifact_location=config.tracking.artifact_location, set_name=spec.set_name,

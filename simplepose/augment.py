@@ -87,7 +87,7 @@ def affine_matrix(center: tuple[float, float], scale_provided: float, params: Au
     M = T(S/2 - 0.5 + dx, S/2 - 0.5 + dy) . F . Scale(s) . R(rotation) . T(-cx, -cy), with S the crop size,
     F = diag(-1, 1) when flipping and s = target_dist / (scale_provided * S / (S - 1)) * params.scale.
     center: (cx, cy) main person's bbox centre, source pixels; scale_provided: bbox height / crop size.
-    The S / (S - 1) factor is the reference's (HEAD); it puts the crop centre pixel on the person's centre.
+    The S / (S - 1) factor is an odd HEAD-only tweak of the reference, kept for parity (SPEC §3.1).
     """
     if not scale_provided > 0:
         raise ValueError(f"affine_matrix: scale_provided must be > 0, got {scale_provided!r}")
@@ -118,33 +118,33 @@ def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, flip: bool) -
 def tint(image: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:
     """Shift hue, saturation and value of a uint8 BGR image (H, W, 3) in OpenCV's 8-bit HSV.
 
-    H is clipped to [0, 179], S and V to [0, 255]; applied through per-channel lookup tables.
+    H is clipped to [0, 179], S and V to [0, 255] (saturating adds, then a per-channel min for H).
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"tint: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    levels = np.arange(256)
-    lut = np.stack([np.clip(levels + shift, 0, top) for shift, top in zip(shifts, (179, 255, 255))], axis=1)
-    hsv = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), lut.astype(np.uint8)[:, None, :])
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    hsv = cv2.add(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), (*map(float, shifts), 0.0))
+    return cv2.cvtColor(cv2.min(hsv, (179.0, 255.0, 255.0, 255.0)), cv2.COLOR_HSV2BGR)
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceImage:
     """A decoded image with its person masks, prepared once and warped many times.
 
-    pixels: (H, W, 4) uint8 = B, G, R, mask_miss (one 4-channel warp is much faster in OpenCV than a
-        3-channel one plus a 1-channel one, and gives identical values).
-    mask_all: (H, W) uint8, or None when no person mask exists (it would warp to all zeros).
+    pixels: (H, W, 4) uint8 = B, G, R, mask_all (OpenCV warps 4 channels in about the time of 1, and 3
+        channels 2-3 times slower, with identical values per channel).
+    mask_miss: (H, W) uint8, or None when it is 255 everywhere (it would warp to all ones, border included).
+    ignored_box: (x0, y0, x1, y1) inclusive pixel bounds of mask_miss < 255, None with mask_miss.
     """
 
     pixels: np.ndarray
-    mask_all: np.ndarray | None
+    mask_miss: np.ndarray | None
+    ignored_box: tuple[int, int, int, int] | None = None
 
     @classmethod
     def from_arrays(cls, image: np.ndarray, mask_miss: np.ndarray | None = None,
                     mask_all: np.ndarray | None = None) -> SourceImage:
         """image: uint8 (H, W, 3) BGR; masks: uint8 (H, W) in {0, 255} (targets.person_masks), or None for
-        "supervise everything" (mask_miss = 255) and "no person mask" (mask_all = 0)."""
+        "supervise everything" (mask_miss = 255) and "no person" (mask_all = 0)."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
                 or image.shape[2] != 3:
             raise ValueError(f"SourceImage: image must be a uint8 (H, W, 3) BGR array, got "
@@ -154,23 +154,52 @@ class SourceImage:
             if mask is not None and (mask.dtype != np.uint8 or mask.shape != (height, width)):
                 raise ValueError(f"SourceImage: {name} must be uint8 {(height, width)}, got {mask.dtype} "
                                  f"{mask.shape}")
-        miss = np.full((height, width), 255, np.uint8) if mask_miss is None else mask_miss
-        keep_all = mask_all is not None and bool(mask_all.any())
-        return cls(pixels=cv2.merge([image, miss]), mask_all=mask_all if keep_all else None)
+        pixels = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+        pixels[..., 3] = 0 if mask_all is None else mask_all
+        ignored = np.zeros((height, width), bool) if mask_miss is None else mask_miss < 255
+        if not ignored.any():
+            return cls(pixels=pixels, mask_miss=None)
+        rows, cols = np.flatnonzero(ignored.any(axis=1)), np.flatnonzero(ignored.any(axis=0))
+        return cls(pixels, mask_miss, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])))
 
     @property
     def image(self) -> np.ndarray:
         """The BGR image (H, W, 3) uint8 (a copy)."""
-        return np.ascontiguousarray(self.pixels[..., :3])
+        return cv2.cvtColor(self.pixels, cv2.COLOR_BGRA2BGR)
 
-    def tinted(self, shifts: tuple[int, int, int]) -> SourceImage:
-        """The same source with its colours shifted (`tint`), masks unchanged."""
-        return SourceImage(cv2.merge([tint(self.image, shifts), self.pixels[..., 3]]), self.mask_all)
+    def tinted(self, shifts: tuple[int, int, int], rows: tuple[int, int] | None = None) -> SourceImage:
+        """The same source with its colours shifted (`tint`) in the rows y0..y1 (inclusive; default: all),
+        masks unchanged. Tinting only the rows a warp reads (`visible_rows`) gives that warp exactly the fully
+        tinted image's result. (Whole rows: OpenCV's HSV-to-BGR rounds differently by 1 with the column offset.)
+        """
+        y0, y1 = (0, self.pixels.shape[0] - 1) if rows is None else (max(rows[0], 0), rows[1])
+        pixels = self.pixels.copy()
+        band = pixels[y0:y1 + 1]
+        if y1 >= y0 and band.size:  # (y1 < y0 would slice from the end)
+            colours = cv2.cvtColor(tint(cv2.cvtColor(band, cv2.COLOR_BGRA2BGR), shifts), cv2.COLOR_BGR2BGRA)
+            colours[..., 3] = band[..., 3]
+            band[...] = colours
+        return dataclasses.replace(self, pixels=pixels)
+
+
+def visible_rows(matrix: np.ndarray, crop_size: int, height: int) -> tuple[int, int]:
+    """Inclusive source rows (y0, y1) that a bilinear warp to the crop can read from an image of `height`
+    rows; empty (y1 < y0) when the crop lies above or below the image."""
+    low, high = _y_range(cv2.invertAffineTransform(matrix), (0, 0, crop_size - 1, crop_size - 1))
+    return max(math.floor(low) - 1, 0), min(math.ceil(high) + 1, height - 1)
+
+
+def _y_range(matrix: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, float]:
+    """Lowest and highest y of the box (x0, y0, x1, y1) mapped by the (2, 3) affine (its corners bound it)."""
+    x0, y0, x1, y1 = box
+    y = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], float) @ matrix[1]
+    return float(y.min()), float(y.max())
 
 
 @dataclasses.dataclass(frozen=True)
 class Warped:
-    """A source warped to the crop: image uint8 (S, S, 3) BGR; masks float32 (S/stride, S/stride) in [0, 1]."""
+    """A source warped to the crop: image float32 (3, S, S) BGR / 255 (the network input, no mean/std
+    normalisation, SPEC §3.1); masks float32 (S/stride, S/stride) in [0, 1]."""
 
     image: np.ndarray
     mask_miss: np.ndarray
@@ -189,24 +218,40 @@ def warp(source: SourceImage, matrix: np.ndarray, config: AugmentConfig = Augmen
         raise ValueError(f"warp: matrix must be (2, 3), got {matrix.shape}")
     grid = (size // stride, size // stride)
     crop = cv2.warpAffine(source.pixels, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(*config.border_value, 255))
-    mask_miss = _to_grid(cv2.extractChannel(crop, 3), grid)
-    if source.mask_all is None:
-        mask_all = np.zeros(grid, np.float32)
-    else:
-        mask_all = _to_grid(cv2.warpAffine(source.mask_all, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                                           borderMode=cv2.BORDER_CONSTANT, borderValue=0), grid)
-    return Warped(image=crop[..., :3], mask_miss=mask_miss, mask_all=mask_all)
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(*config.border_value, 0))
+    *colours, person = cv2.split(crop)  # contiguous planes: faster to convert than strided channels
+    image = np.empty((3, size, size), np.float32)
+    for plane, channel in zip(colours, image):
+        np.divide(plane, np.float32(255.0), out=channel, dtype=np.float32)
+    mask_all = _to_grid(person, grid)
+    mask_miss = np.ones(grid, np.float32) if source.mask_miss is None else _warp_mask_miss(source, matrix, size,
+                                                                                          stride)
+    return Warped(image=image, mask_miss=mask_miss, mask_all=mask_all)
+
+
+def _warp_mask_miss(source: SourceImage, matrix: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """mask_miss warped (border 255) and reduced to the grid, float32 (size/stride, size/stride).
+
+    Only the band of crop rows whose bilinear footprint can reach an ignored source pixel is warped; every
+    other row is exactly 1. The band starts on a stride boundary, so the INTER_AREA blocks are the same as a
+    full warp's; inside it, OpenCV's fixed-point rounding of the shifted rows can move a rare pixel by 1/255.
+    """
+    x0, y0, x1, y1 = source.ignored_box
+    low, high = _y_range(matrix, (x0 - 1, y0 - 1, x1 + 1, y1 + 1))  # bilinear reads 1 pixel around
+    top = max(math.floor(low) - 1, 0) // stride * stride
+    bottom = min(-(-(math.ceil(high) + 2) // stride) * stride, size)
+    out = np.ones((size // stride, size // stride), np.float32)
+    if bottom > top:
+        inverse = cv2.invertAffineTransform(matrix)  # what warpAffine inverts internally
+        inverse[:, 2] += inverse[:, 1] * top
+        band = cv2.warpAffine(source.mask_miss, inverse, (size, bottom - top),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=255)
+        out[top // stride:bottom // stride] = _to_grid(band, ((bottom - top) // stride, size // stride))
+    return out
 
 
 def _to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """uint8 (S, S) mask -> float32 grid in [0, 1] by INTER_AREA (the reference's order: resize, then / 255)."""
     small = cv2.resize(mask, grid[::-1], interpolation=cv2.INTER_AREA)
     return np.divide(small, np.float32(255.0), dtype=np.float32)
-
-
-def to_network_input(image: np.ndarray) -> np.ndarray:
-    """uint8 (S, S, 3) BGR -> float32 (3, S, S) BGR / 255 (no mean/std normalisation, SPEC §3.1)."""
-    out = np.empty((3, *image.shape[:2]), np.float32)
-    np.divide(image.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
-    return out

@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from simplepose.augment import (AugmentConfig, AugmentParams, SourceImage, affine_matrix, sample_params,
-                                to_network_input, transform_keypoints, warp)
+                                transform_keypoints, visible_rows, warp)
 from simplepose.skeleton import coco_to_reference
 from simplepose.targets import TargetConfig, person_masks, render_heatmaps
 
@@ -149,14 +149,14 @@ def build_sample(source: SourceImage, sample: TrainingSample, rng: np.random.Gen
         if rng is None:
             raise ValueError("build_sample: pass either rng or params")
         params = sample_params(augment_config, rng)
-    if params.tint is not None:
-        source = source.tinted(params.tint)
     matrix = affine_matrix(sample.center, sample.person_height / augment_config.crop_size, params,
                            augment_config)
+    if params.tint is not None:  # only where the warp reads: the same result, less work on zoomed-in crops
+        source = source.tinted(params.tint, visible_rows(matrix, augment_config.crop_size, sample.height))
     warped = warp(source, matrix, augment_config, target_config.stride)
     keypoints = transform_keypoints(sample.keypoints, matrix, params.flip)
     targets = render_heatmaps(keypoints, warped.mask_all.shape, target_config, person_mask=warped.mask_all)
-    return to_network_input(warped.image), warped.mask_miss[None], targets
+    return warped.image, warped.mask_miss[None], targets
 
 
 def keypoint_results(image_id: int, keypoints: np.ndarray, scores: np.ndarray) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +35,9 @@ _DECODED_CHANNELS = KEYPOINT_CHANNELS.stop  # 48: body parts 0-29 + keypoints 30
 @dataclass(frozen=True)
 class InferConfig:
     """How images become heatmaps. The defaults are the paper's published setting (test-dev AP 0.685):
-    boxsize 512, scales (0.5, 1, 1.5, 2, 3), flip, reference aggregation. See `PRESETS` for others.
+    boxsize 512, scales (0.5, 1, 1.5, 2, 3), flip, reference aggregation (`PAPER`), so that evaluation
+    reproduces the paper; `PRESETS` also has the authors' HEAD setting and `FAST`, which labeling jobs pick
+    explicitly (one scale, stride-4 maps: several times less network work and no full-resolution maps).
 
     boxsize: pixels; a scale s resizes the image by factor s * boxsize / height (the height is normalised),
       capped so that the resized image fits max_height x max_width (SPEC §7 step 1).
@@ -42,8 +45,9 @@ class InferConfig:
     flip: also run the horizontally flipped padded input and average (SPEC §1.4).
     aggregation: "reference" = x4 OpenCV cubic upsampling of each scale, crop, cubic resize to the original
       size, mean (maps at original resolution; identity `map_to_image`; runs on the host, like the authors').
-      "stride4" = each scale resampled (torch bicubic, centre-aligned) onto the stride-4 grid of the scale
-      `base_scale` and averaged there; stays on the model's device, no upsampling (a named improvement).
+      "stride4" = each scale resampled (torch bicubic, centre-aligned, no antialiasing) onto the stride-4
+      grid of the scale `base_scale` and averaged there; stays on the model's device, no upsampling (a named
+      improvement; with one scale equal to base_scale the network's cells are used as they are).
     base_scale: the scale whose stride-4 grid "stride4" averages on (it need not be one of `scales`).
     pad_value: uint8 padding value (the network sees pad_value / 255). multiple: padded H and W are multiples
       of it (the hourglass needs 64). stride: network output stride in input pixels.
@@ -121,14 +125,14 @@ class Heatmaps:
     image_size: tuple[int, int]
 
     def __post_init__(self):
-        k, l = self.keypoints, self.limbs
-        if not (isinstance(k, torch.Tensor) and isinstance(l, torch.Tensor)):
-            raise TypeError(f"Heatmaps: keypoints and limbs must be torch tensors, got {type(k)}, {type(l)}")
-        if k.dtype != torch.float32 or l.dtype != torch.float32:
-            raise TypeError(f"Heatmaps: expected float32 maps, got {k.dtype}, {l.dtype}")
-        if k.ndim != 3 or l.ndim != 3 or k.shape[0] != 18 or l.shape[0] != 30 or k.shape[1:] != l.shape[1:]:
+        kp, lb = self.keypoints, self.limbs
+        if not (isinstance(kp, torch.Tensor) and isinstance(lb, torch.Tensor)):
+            raise TypeError(f"Heatmaps: keypoints and limbs must be torch tensors, got {type(kp)}, {type(lb)}")
+        if kp.dtype != torch.float32 or lb.dtype != torch.float32:
+            raise TypeError(f"Heatmaps: expected float32 maps, got {kp.dtype}, {lb.dtype}")
+        if kp.ndim != 3 or lb.ndim != 3 or kp.shape[0] != 18 or lb.shape[0] != 30 or kp.shape[1:] != lb.shape[1:]:
             raise ValueError(f"Heatmaps: expected keypoints (18, h, w) and limbs (30, h, w), got "
-                             f"{tuple(k.shape)}, {tuple(l.shape)}")
+                             f"{tuple(kp.shape)}, {tuple(lb.shape)}")
         if len(self.map_to_image) != 4 or len(self.image_size) != 2:
             raise ValueError(f"Heatmaps: map_to_image needs 4 numbers and image_size 2, got "
                              f"{self.map_to_image}, {self.image_size}")
@@ -354,7 +358,10 @@ def predict_inputs(model: torch.nn.Module, inputs_per_image: Sequence[Sequence[S
     """The device step: preprocessed images (a list of `preprocess` outputs) -> one `Heatmaps` per image.
     All scales of all images are batched together; `forward_kwargs` go to `forward_maps`."""
     flat = [item for image in inputs_per_image for item in image]
+    start = time.perf_counter()
     maps = forward_maps(model, flat, config, **forward_kwargs)
+    LOG.debug("forward_maps: %d images, %d inputs in %.3f s (asynchronous on CUDA)", len(inputs_per_image),
+              len(flat), time.perf_counter() - start)
     results, start = [], 0
     for image in inputs_per_image:
         results.append(aggregate(image, maps[start:start + len(image)], config))

@@ -159,8 +159,9 @@ def _check_inputs(predictions, targets: torch.Tensor, mask: torch.Tensor, config
                          f"to pool to {scales} scales")
     for i, stack in enumerate(predictions):
         if not isinstance(stack, (list, tuple)) or len(stack) != scales:
+            got = f"{len(stack)} scales" if isinstance(stack, (list, tuple)) else type(stack).__name__
             raise ValueError(f"multitask_loss predictions[{i}] must be a list of {scales} scales "
-                             f"(one per scale weight), got {type(stack).__name__} of {len(stack)}")
+                             f"(one per scale weight), got {got}")
         for j, p in enumerate(stack):
             expected = (n, NUM_CHANNELS, height >> j, width >> j)
             if not isinstance(p, torch.Tensor) or tuple(p.shape) != expected:

@@ -121,32 +121,30 @@ def render_heatmaps(keypoints: np.ndarray, grid_shape: tuple[int, int], config: 
         mask = np.asarray(person_mask, dtype=np.float32)
         if mask.shape != (h, w):
             raise ValueError(f"render_heatmaps: person_mask must be {(h, w)}, got shape {mask.shape}")
-        out[PERSON_MASK_CHANNEL] = cv2.erode(mask, _ERODE_KERNEL)
+        # Only a caller's mask can leave [0, 1] (the Gaussians and the floor never do): clip it first.
+        out[PERSON_MASK_CHANNEL] = cv2.erode(np.minimum(np.maximum(mask, 0.0), 1.0), _ERODE_KERNEL)
     np.max(out[KEYPOINT_CHANNELS], axis=0, out=out[MAX_KEYPOINT_CHANNEL])
-    # Only the person mask can leave [0, 1] (a caller's mask); the Gaussians and the floor never do.
-    np.clip(out[PERSON_MASK_CHANNEL], 0.0, 1.0, out=out[PERSON_MASK_CHANNEL])
     return out
 
 
-def _cells_in_boxes(r0: np.ndarray, r1: np.ndarray, c0: np.ndarray, c1: np.ndarray, shape: tuple[int, int]):
-    """All cells of N inclusive boxes [r0, r1] x [c0, c1] clipped to the grid, as one flat enumeration.
+def _cells_in_boxes(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int]):
+    """All cells of N inclusive boxes lo..hi ((N, 2) int as (col, row)) clipped to the grid, enumerated flat.
 
-    Returns (box, rows, cols), int64 arrays of equal length: the box index of every cell and its position.
-    Boxes that fall outside the grid contribute nothing (the reference's slicing does the same).
+    Returns (box, rows, cols, origin): int64 arrays of equal length giving each cell's box and its position
+    relative to `origin` (N, 2), the box's clipped top-left corner (col, row). Boxes outside the grid give
+    no cells (as the reference's slicing).
     """
-    h, w = shape
-    r0, c0 = np.maximum(r0, 0), np.maximum(c0, 0)
-    nr = np.maximum(np.minimum(r1, h - 1) - r0 + 1, 0)
-    nc = np.maximum(np.minimum(c1, w - 1) - c0 + 1, 0)
-    sizes = nr * nc
-    box = np.repeat(np.arange(len(sizes)), sizes)
-    local_row, local_col = np.divmod(np.arange(box.size) - np.repeat(np.cumsum(sizes) - sizes, sizes), nc[box])
-    return box, r0[box] + local_row, c0[box] + local_col
+    origin = np.maximum(lo, 0)
+    size = np.maximum(np.minimum(hi, np.array(shape[::-1]) - 1) - origin + 1, 0)  # (cols, rows) per box
+    count = size[:, 0] * size[:, 1]
+    box = np.repeat(np.arange(len(count)), count)
+    rows, cols = np.divmod(np.arange(box.size) - np.repeat(np.cumsum(count) - count, count), size[box, 0])
+    return box, rows, cols, origin
 
 
 def _render_keypoints(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
     """Max-combine the keypoint Gaussians of every person into `channels` (18, h, w) float32, in place."""
-    n_kp, h, w = channels.shape
+    _, h, w = channels.shape
     person, k = np.nonzero(kp[..., 2] < 2)
     x, y = kp[person, k, 0], kp[person, k, 1]
     s, half = config.stride, config.keypoint_window
@@ -162,13 +160,14 @@ def _render_keypoints(channels: np.ndarray, kp: np.ndarray, config: TargetConfig
     g = (gy[:, :, None] * gx[:, None, :]).astype(np.float32)  # (N, window, window)
     if config.style == "paper":
         g[g < config.keypoint_threshold] = 0.0
-    flat = ((k[:, None] * h + rows.clip(0, h - 1)) * w)[:, :, None] + cols.clip(0, w - 1)[:, None, :]
+    rows, cols = np.minimum(np.maximum(rows, 0), h - 1), np.minimum(np.maximum(cols, 0), w - 1)  # np.clip is slow
+    flat = ((k[:, None] * h + rows) * w)[:, :, None] + cols[:, None, :]
     np.maximum.at(channels.reshape(-1), flat.ravel(), g.ravel())
 
 
 def _render_limbs(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
     """Body-part maps of every person into `channels` (30, h, w) float32, in place (mean or max combine)."""
-    n_limbs, h, w = channels.shape
+    _, h, w = channels.shape
     used = kp[..., 2] < 2
     person, limb = np.nonzero(used[:, _LIMB_FROM] & used[:, _LIMB_TO])
     a = kp[person, _LIMB_FROM[limb], :2]
@@ -177,52 +176,65 @@ def _render_limbs(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) ->
     keep = length > 0  # the reference skips zero-length limbs (a division by zero otherwise)
     a, b, limb, length = a[keep], b[keep], limb[keep], length[keep]
     s, off = config.stride, config.stride / 2 - 0.5
-    if config.style == "reference":
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        c_lo, c_hi = np.rint((lo - config.limb_margin) / s), np.rint((hi + config.limb_margin) / s)
-    else:  # every cell whose centre lies within the ellipse's bounding box
-        cos, sin = (np.abs(b - a) / length[:, None]).T
-        semi_major, semi_minor = length / 2, config.limb_half_width
-        extent = np.stack([np.hypot(semi_major * cos, semi_minor * sin),
-                           np.hypot(semi_major * sin, semi_minor * cos)], axis=1)
-        centre = (a + b) / 2 - off  # in units where cell j sits at s * j
-        c_lo, c_hi = np.ceil((centre - extent) / s), np.floor((centre + extent) / s)
-    c_lo, c_hi = c_lo.astype(np.int64), c_hi.astype(np.int64)
-    box, rows, cols = _cells_in_boxes(c_lo[:, 1], c_hi[:, 1], c_lo[:, 0], c_hi[:, 0], (h, w))
+    c_lo, c_hi = _limb_boxes(a, b, length, config)
+    box, rows, cols, origin = _cells_in_boxes(c_lo, c_hi, (h, w))
     if box.size == 0:
         return
     # The distance to the infinite line through a and b is linear in (col, row) up to its sign: per box,
     # t = (n . (cell - a)) / (sqrt(2) sigma) with n the line's normal over |b - a| + 1e-6 (the reference's).
     normal = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], axis=1) * (
         math.sqrt(0.5) / config.limb_sigma / (length + 1e-6))[:, None]
-    t = _linear_in_cells(normal, a, s, off, box, rows, cols)
+    cells = (box, rows, cols, origin * s + off, s)
+    t = _linear_in_cells(normal, a, *cells)
     g = np.exp(-(t * t))
-    flat = (limb[box] * h + rows) * w + cols
+    flat = ((limb * h + origin[:, 1]) * w + origin[:, 0])[box] + rows * w + cols
     out = channels.reshape(-1)
     if config.style == "reference":
         g[g <= config.limb_threshold] = config.limb_floor
         # Mean over persons: sum in place, then divide the few cells that several boxes share.
         np.add.at(out, flat, g.astype(np.float32))
-        count = np.zeros(out.size, np.uint16)
-        np.add.at(count, flat, np.ones(flat.size, np.uint16))  # an array, not a scalar: numpy's fast path
-        shared = flat[count[flat] > 1]  # repeated indices all write the same mean
-        out[shared] = out[shared] / count[shared]
+        if len(np.unique(limb)) < len(limb):  # only boxes of the same body part can share cells
+            count = np.zeros(out.size, np.uint16)
+            np.add.at(count, flat, np.ones(flat.size, np.uint16))  # an array, not a scalar: numpy's fast path
+            shared = flat[count[flat] > 1]  # repeated indices all write the same mean
+            out[shared] = out[shared] / count[shared]
     else:  # inside the ellipse: (along / semi-major)^2 + (distance / semi-minor)^2 <= 1
         axis = (b - a) / (length * length / 2)[:, None]
-        along = _linear_in_cells(axis, (a + b) / 2, s, off, box, rows, cols)
+        along = _linear_in_cells(axis, (a + b) / 2, *cells)
         t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
         g[(along * along + (t / t_edge) ** 2 > 1.0) | (g < config.limb_threshold)] = 0.0
         np.maximum.at(out, flat, g.astype(np.float32))
 
 
-def _linear_in_cells(direction: np.ndarray, origin: np.ndarray, stride: int, offset: float, box: np.ndarray,
-                     rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """direction[box] . (cell centre - origin[box]) for every enumerated cell, float64 (M,).
+def _limb_boxes(a: np.ndarray, b: np.ndarray, length: np.ndarray, config: TargetConfig
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive cell boxes (lo, hi), int64 (N, 2) as (col, row), of limbs from a to b ((N, 2) pixels).
 
-    direction, origin: (N, 2) per box as (x, y); a cell's centre is (stride * col + offset, stride * row + offset).
+    reference: the endpoints' box grown by limb_margin pixels, edges rounded to cells (half to even);
+    paper: every cell whose centre lies in the bounding box of the limb's ellipse.
     """
-    constant = (direction * (offset - origin)).sum(axis=1)
-    return (direction[:, 0] * stride)[box] * cols + (direction[:, 1] * stride)[box] * rows + constant[box]
+    s = config.stride
+    if config.style == "reference":
+        lo, hi = np.minimum(a, b) - config.limb_margin, np.maximum(a, b) + config.limb_margin
+        return np.rint(lo / s).astype(np.int64), np.rint(hi / s).astype(np.int64)
+    cos, sin = (np.abs(b - a) / length[:, None]).T
+    semi_major, semi_minor = length / 2, config.limb_half_width
+    extent = np.stack([np.hypot(semi_major * cos, semi_minor * sin),
+                       np.hypot(semi_major * sin, semi_minor * cos)], axis=1)
+    centre = (a + b) / 2 - (s / 2 - 0.5)  # in units where cell j sits at s * j
+    return np.ceil((centre - extent) / s).astype(np.int64), np.floor((centre + extent) / s).astype(np.int64)
+
+
+def _linear_in_cells(direction: np.ndarray, point: np.ndarray, box: np.ndarray, rows: np.ndarray,
+                     cols: np.ndarray, origin: np.ndarray, stride: int) -> np.ndarray:
+    """direction . (cell centre - point) for every enumerated cell, float64 (M,).
+
+    direction, point: (N, 2) per box, (x, y); origin: (N, 2) input-pixel centre of each box's first cell;
+    box, rows, cols: from `_cells_in_boxes`.
+    """
+    constant = (direction * (origin - point)).sum(axis=1)
+    step = direction * stride
+    return step[box, 0] * cols + step[box, 1] * rows + constant[box]
 
 
 def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs import demo
-from pipelines import storage
-from pipelines.samples import broken_objects, png_header, sample_images
+from pipelines.samples import broken_objects, draw_scene, png_header, sample_images
 from simplepose.skeleton import COCO_KEYPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +42,13 @@ def test_sample_keypoints_lie_on_the_drawn_figures():
         assert (kp[:, index["nose"], 1] < kp[:, index["left_hip"], 1]).all()
 
 
+def test_a_scene_without_persons():
+    image, keypoints = draw_scene(np.random.default_rng(0), 64, 80, persons=0)
+    assert image.shape == (64, 80, 3) and keypoints.shape == (0, len(COCO_KEYPOINTS), 3)
+    with pytest.raises(ValueError, match="persons"):
+        draw_scene(np.random.default_rng(0), 64, 80, persons=-1)
+
+
 def test_png_header_declares_the_size():
     header = Image.open(io.BytesIO(png_header(300, 200)))
     assert (header.format, header.size) == ("PNG", (300, 200))
@@ -53,15 +59,31 @@ def test_demo_parts_upload_and_a_loadable_random_model():
     with demo.loopback_s3() as endpoint:
         assert os.environ["AWS_ENDPOINT_URL"] == endpoint
         assert demo.upload_samples(2, seed=0) == 2 + len(broken_objects())
-        fs, _ = storage.filesystem(f"s3://{demo.BUCKET}")
-        assert fs.cat_file(f"{demo.BUCKET}/images/broken/empty.jpg") == b""
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint)  # this server, whatever clients other tests cached
+        listed = s3.list_objects_v2(Bucket=demo.BUCKET, Prefix="images/")["Contents"]
+        assert {o["Key"]: o["Size"] for o in listed}["images/broken/empty.jpg"] == 0
         from pipelines.label_stages import load_model
 
         uri = demo.save_random_model(seed=0)
+        assert s3.head_object(Bucket=demo.BUCKET, Key=uri.split("/", 3)[3])["ContentLength"] > 0
         model = load_model(uri)
         assert (model.config.stacks, model.config.width, model.config.increase) == (1, 32, 8)
         assert not model.training
     assert os.environ.get("AWS_ENDPOINT_URL") == before
+
+
+def test_show_tables_prints_statuses_failures_and_best_poses(tmp_path, capsys):
+    from test_render import write_fake_run
+
+    write_fake_run(str(tmp_path))
+    demo.show_tables(str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "images table: 4 rows" in out
+    assert f"{'ok':>15}:   3" in out and f"{'decode_error':>15}:   1" in out
+    assert "broken/truncated.jpg: decode_error: truncated" in out
+    assert "highest-scoring poses:" in out and "score 0.900" in out
 
 
 def run_interruptibly(command: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -88,13 +110,15 @@ def test_demo_end_to_end(tmp_path):
     assert "WEIGHTS: an untrained IMHN(stacks=1, width=32, increase=8)" in out
     assert "broken/truncated.jpg: decode_error: JPEG data is corrupt or truncated" in out
 
-    assert (tmp_path / "run" / "_SUCCESS").exists()
-    table = pq.read_table(tmp_path / "run" / "images")
+    (run_dir,) = list(tmp_path.iterdir())  # WORKDIR/RUN_ID
+    assert (run_dir / "tables" / "_SUCCESS").exists()
+    table = pq.read_table(run_dir / "tables" / "images")
+    assert set(table["run_id"].to_pylist()) == {run_dir.name}
     statuses = dict(zip(table["image_id"].to_pylist(), table["status"].to_pylist()))
     expected = {s.name: s.expected_status for s in sample_images(images) + broken_objects()}
     assert statuses == expected
-    assert pq.read_table(tmp_path / "run" / "poses").schema.names[:3] == ["run_id", "image_id", "uri"]
-    overlays = sorted((tmp_path / "overlays").iterdir())
+    assert pq.read_table(run_dir / "tables" / "poses").schema.names[:3] == ["run_id", "image_id", "uri"]
+    overlays = sorted((run_dir / "overlays").iterdir())
     assert len(overlays) == images and all(p.stat().st_size > 0 for p in overlays)
 
 

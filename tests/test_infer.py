@@ -1,6 +1,10 @@
-"""Inference: resize/pad geometry, flip averaging, reference upsampling, stride-4 mapping, batching (SPEC §7, §15.3)."""
+"""Inference: resize/pad geometry, flip averaging, reference upsampling, stride-4 mapping, batching.
+
+SPEC §7 and §15.3.
+"""
 from __future__ import annotations
 
+import json
 import math
 
 import cv2
@@ -12,7 +16,7 @@ import torch.nn.functional as F
 from simplepose import infer
 from simplepose.infer import InferConfig, ScaleInput
 from simplepose.model import IMHN
-from simplepose.skeleton import FLIP_CHANNEL_ORDER, KEYPOINT_START
+from simplepose.skeleton import FLIP_CHANNEL_ORDER, KEYPOINT_START, coco_to_reference
 
 SMALL = InferConfig(boxsize=64, scales=(0.5, 1.0, 1.5))  # small inputs keep the CPU forward fast
 
@@ -245,6 +249,35 @@ def test_heatmaps_from_stride4_crops_and_maps_cells():
         infer.heatmaps_from_stride4(maps[:47], 1.0, (75, 110))
 
 
+def test_stride4_mapping_on_the_reference_ground_truth_maps(fixtures_dir, coco_mini_annotations):
+    """The oracle maps are the authors' stride-4 targets of whole images: their refined keypoint peaks, mapped
+    with `heatmaps_from_stride4(factor 1)`, land on the annotated keypoints; `upsample_reference` with
+    resized_shape == image_size is exactly the oracle's x4 + crop."""
+    maps = np.load(fixtures_dir / "oracle_train_maps.npz")
+    gt = json.loads(coco_mini_annotations.read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    errors = []
+    for key in maps.files[:8]:
+        image_id, m = int(key[3:]), maps[key].astype(np.float32)
+        heat = infer.heatmaps_from_stride4(torch.from_numpy(m), 1.0, sizes[image_id])
+        annotations = [a["keypoints"] for a in gt["annotations"]
+                       if a["image_id"] == image_id and not a["iscrowd"] and a["num_keypoints"] > 0]
+        keypoints = coco_to_reference(np.array(annotations).reshape(-1, 17, 3))
+        for k in range(18):
+            i, j = divmod(int(heat.keypoints[k].argmax()), heat.keypoints.shape[2])
+            used = keypoints[:, k, 2] < 2
+            interior = 0 < i < heat.keypoints.shape[1] - 1 and 0 < j < heat.keypoints.shape[2] - 1
+            if heat.keypoints[k, i, j] < 0.5 or not used.any() or not interior:
+                continue
+            x, y = heat.to_image(*_refined_peak(heat.keypoints[k]))
+            errors.append(np.hypot(keypoints[used, k, 0] - x, keypoints[used, k, 1] - y).min())
+    assert len(errors) > 20 and max(errors) < 0.05, errors
+    h, w = sizes[int(maps.files[0][3:])]
+    m = maps[maps.files[0]].astype(np.float32)
+    want = cv2.resize(m.transpose(1, 2, 0), (0, 0), fx=4, fy=4, interpolation=cv2.INTER_CUBIC)[:h, :w]
+    np.testing.assert_array_equal(infer.upsample_reference(m, (h, w), (h, w)), want.transpose(2, 0, 1))
+
+
 # --- batching, devices, errors -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aggregation", ["reference", "stride4"])
@@ -263,7 +296,10 @@ def test_bfloat16_autocast_on_cpu_is_close_to_float32(tiny_model):
     image = _image(64, 64)
     config = InferConfig(boxsize=64, scales=(1.0,), aggregation="stride4")
     (full,) = infer.predict_heatmaps(tiny_model, [image], config)
-    (half,) = infer.predict_heatmaps(tiny_model, [image], config, dtype=torch.bfloat16, channels_last=True)
+    model = infer.prepare_model(IMHN(stacks=1, width=32, increase=8).train(), "cpu", channels_last=True)
+    model.load_state_dict(tiny_model.state_dict())
+    assert not model.training
+    (half,) = infer.predict_heatmaps(model, [image], config, "cpu", dtype=torch.bfloat16, channels_last=True)
     assert half.keypoints.dtype == torch.float32
     assert (half.keypoints - full.keypoints).abs().max() < 0.05 * full.keypoints.abs().max()
 

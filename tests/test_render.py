@@ -86,6 +86,10 @@ def test_render_run_local(tmp_path):
     assert limited.images == 2 and all(uri.endswith(".png") for uri in limited.outputs)
     assert limited.persons == sum(len(s.keypoints) for s in samples[:2])
 
+    (tmp_path / "src" / samples[1].name).unlink()  # a source object deleted since the run
+    partial = render_run(str(tmp_path / "run"), str(tmp_path / "partial"), limit=None)
+    assert (partial.images, partial.failed) == (2, 1)
+
 
 def test_render_run_on_object_storage(s3_endpoint):
     import s3fs

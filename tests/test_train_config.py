@@ -87,3 +87,15 @@ def test_state_round_trip_restores_optimizer_and_epoch(tmp_path):
     momentum = [fresh_optimizer.state[p]["momentum_buffer"] for p in fresh.parameters()]
     assert all(torch.equal(m, optimizer.state[p]["momentum_buffer"])
                for m, p in zip(momentum, model.parameters()))
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    from pipelines.train_job import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_paths(load_train_config(None, [
+        "data.annotations=ann.json", "data.images=s3://b/imgs", "checkpoint.storage_path=runs",
+        "checkpoint.init_from=models:/m@champion"]))
+    assert config.data.annotations == str(tmp_path / "ann.json") and config.data.images == "s3://b/imgs"
+    assert config.checkpoint.storage_path == str(tmp_path / "runs")
+    assert config.checkpoint.init_from == "models:/m@champion"

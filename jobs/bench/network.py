@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     model = build(args)
     print(f"machine: {describe_machine()}")
     print(f"config: {model.config}, parameters: {sum(p.numel() for p in model.parameters()):,}")
-    print(f"compute: {count_macs(model.config, args.size) / 1e9:.1f} GMAC per {args.size}x{args.size} image")
+    print(f"compute: {count_macs(model.config, args.size) / 1e9:.4g} GMAC per {args.size}x{args.size} image")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if args.compile:

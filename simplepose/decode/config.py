@@ -25,7 +25,7 @@ class DecoderConfig:
     keypoint_threshold: float = 0.1  # thre1: minimum keypoint heatmap value of a peak
     limb_threshold: float = 0.1  # thre2: a body-part sample counts as "on" above this
     connect_ratio: float = 0.8  # fraction of samples that must be "on" to accept a pair
-    max_samples: int = 20  # mid_num: samples along a candidate pair
+    max_samples: int = 20  # mid_num: most samples along a candidate pair (reference mode)
     length_rate: float = 16.0  # len_rate: a limb longer than length_rate * person's longest limb is refused
     merge_tolerance: float = 0.7  # connection_tole: merge two persons only if s >= tol * weakest slot score
     refine_radius: int = 2  # offset_radius of the reference centroid, in map cells
@@ -37,10 +37,11 @@ class DecoderConfig:
     refinement: str = "log_parabola"  # sub-cell peak position: exact for a Gaussian peak ("centroid": the
     # authors' 5x5 centroid with the axis swap fixed; "none": cell centres)
     peak_value_score: bool = True  # keypoint score = refined peak value, not the 5x5 mean (§8.1)
+    pair_samples: int = 10  # samples per pair (reference: min(round(length + 1), max_samples) at full size)
     bilinear_samples: bool = True  # read body-part maps bilinearly along the pair (reference: nearest cell)
     distance_prior: bool = False  # the reference's penalty on limbs longer than half the image height
     global_greedy: bool = True  # group by all pairs in score order, attaching both ends (union of persons
-    # without shared keypoint types) instead of the reference's limb-order walk that only adds `to` ends
+    # without shared keypoint types); False: the authors' limb-order walk (reference.py) on our candidates
     person_score: str = "keypoint_sum"  # rank persons by summed keypoint scores / 17 ("reference": 1 - 1/total)
     keep_singletons: bool = True  # unassigned keypoints become low-score one-keypoint persons
 
@@ -51,8 +52,9 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.refinement: {self.refinement!r} is not one of {REFINEMENTS}")
         if self.person_score not in PERSON_SCORES:
             raise ValueError(f"DecoderConfig.person_score: {self.person_score!r} is not one of {PERSON_SCORES}")
-        if self.max_samples < 2:
-            raise ValueError(f"DecoderConfig.max_samples: need at least 2 samples, got {self.max_samples}")
+        if self.max_samples < 2 or self.pair_samples < 2:
+            raise ValueError(f"DecoderConfig: max_samples and pair_samples need at least 2 samples, got "
+                             f"{self.max_samples}, {self.pair_samples}")
         if self.refine_radius < 1:
             raise ValueError(f"DecoderConfig.refine_radius: must be >= 1 cell, got {self.refine_radius}")
 

@@ -13,7 +13,8 @@ def check_heatmaps(heatmaps, config: DecoderConfig):
     """-> (keypoints (18, h, w), limbs (30, h, w), (sx, sy, ox, oy) floats, (H, W) ints), or a clear error.
 
     Maps must be float32 (float64 is accepted too: the authors decoded float64 maps in their G8 case) torch
-    tensors of matching (h, w), finite. Reference mode needs maps at original resolution with the identity
+    tensors of matching (h, w), finite (checked here in reference mode, where read in the default mode).
+    Reference mode needs maps at original resolution with the identity
     mapping (the authors' x4 + resize post-processing, `simplepose.infer.upsample_reference`).
     """
     for name in ("keypoints", "limbs", "map_to_image", "image_size"):
@@ -32,8 +33,9 @@ def check_heatmaps(heatmaps, config: DecoderConfig):
     if keypoints.shape[1:] != limbs.shape[1:]:
         raise ValueError(f"decode: keypoint maps {tuple(keypoints.shape)} and body-part maps "
                          f"{tuple(limbs.shape)} differ in size")
-    # One summing pass per stack catches NaN/inf far cheaper than an element-wise isfinite on every cell.
-    if not (math.isfinite(float(keypoints.sum())) and math.isfinite(float(limbs.sum()))):
+    # Reference mode scans every value (a summing pass: far cheaper than an element-wise isfinite); the default
+    # mode checks only the values it reads (peaks, neighbours, pair samples), keeping one dense pass in all.
+    if config.is_reference and not (math.isfinite(float(keypoints.sum())) and math.isfinite(float(limbs.sum()))):
         raise ValueError("decode: heatmaps contain NaN or inf")
     mapping = tuple(float(v) for v in heatmaps.map_to_image)
     size = tuple(int(v) for v in heatmaps.image_size)

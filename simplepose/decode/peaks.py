@@ -10,38 +10,87 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from simplepose.decode.config import DecoderConfig
 
 LOG = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Peaks:
-    """Candidates in map coordinates, sorted by type then raster order (id = row index).
+    """Candidates in map coordinates, sorted by image, type, then raster order (id = row index).
 
-    xy: float64 (N, 2) x, y in map cells; scores: float64 (N,); types: int64 (N,) reference keypoint index.
-    Tensors on the maps' device.
+    xy: float64 (N, 2) x, y in map cells; scores: float64 (N,); types: int64 (N,) reference keypoint index;
+    images: int64 (N,) index of the candidate's image in the batch. Tensors on the maps' device.
     """
 
     xy: torch.Tensor
     scores: torch.Tensor
     types: torch.Tensor
+    images: torch.Tensor
 
 
-def _max3x3(maps: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) -> (K, H, W) max over each cell's in-map 3x3 neighbourhood; separable, several times faster
-    than max_pool2d on one CPU core."""
-    padded = F.pad(maps, (1, 1, 1, 1), value=float("-inf"))
-    rows = torch.maximum(torch.maximum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])
-    return torch.maximum(torch.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+def _cells_above(maps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """int64 (K,) ascending flat indices of the cells of maps (K, h, w) that are >= threshold.
+
+    The one dense pass of the default decoder. On CPU it runs in numpy: torch's CPU compare + nonzero is about
+    7x slower than numpy's on one core (0.4 ms vs 0.06 ms for a 480x640 image's stride-4 maps).
+    """
+    if maps.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(maps.numpy() >= np.float32(threshold)))
+    return torch.nonzero(maps.reshape(-1) >= threshold).squeeze(1)
 
 
-def _local_maxima(maps: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """maps float (K, H, W) -> (peak mask bool (K, H, W), (type, row, col) int64 (N,)) of the cells >= every
-    in-map 8-neighbour and >= threshold, in type then row-major order (SPEC §15.4)."""
-    mask = maps >= torch.clamp(_max3x3(maps), min=threshold)
-    return mask, torch.nonzero(mask, as_tuple=True)
+def _neighbours(heights: torch.Tensor, widths: torch.Tensor, cells: torch.Tensor):
+    """Flat indices (K, 8) of the 8-neighbours of flat cells (K,) of maps (18, heights, widths) (per cell),
+    in raster order (the 4 raster-earlier first), and whether each lies inside its own map (K, 8) bool."""
+    d_row = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1], device=cells.device)
+    d_col = torch.tensor([-1, 0, 1, -1, 1, -1, 0, 1], device=cells.device)
+    row, col = (cells // widths) % heights, cells % widths
+    rows, cols = row[:, None] + d_row, col[:, None] + d_col
+    inside = (rows >= 0) & (rows < heights[:, None]) & (cols >= 0) & (cols < widths[:, None])
+    return cells[:, None] + d_row * widths[:, None] + d_col, inside
+
+
+@dataclass(frozen=True)
+class _Maxima:
+    """The cells >= threshold of a batch of maps (18, h_i, w_i) and their 8-neighbourhoods; (n,) / (n, 8)."""
+
+    cells: torch.Tensor  # int64 flat indices within the cell's own maps, ascending per image
+    images: torch.Tensor  # int64 image of each cell
+    heights: torch.Tensor  # int64 map height of each cell's image
+    widths: torch.Tensor  # int64 map width of each cell's image
+    inside: torch.Tensor  # bool: neighbour inside the map
+    around: torch.Tensor  # neighbour values, -inf outside
+    centre: torch.Tensor  # cell values
+    is_peak: torch.Tensor  # bool: >= every in-map neighbour
+
+
+def _local_maxima(batch: list[torch.Tensor], threshold: float) -> _Maxima:
+    """Cells >= threshold and >= each in-map 8-neighbour (SPEC §15.4: ties all survive here), for a batch of
+    maps (18, h_i, w_i). Only the few cells above the threshold are compared, not the whole maps; the work
+    after the per-image scan and gather is one set of tensor operations for the batch.
+    Raises ValueError on NaN/inf values read."""
+    device = batch[0].device
+    per_image = [_cells_above(maps, threshold) for maps in batch]
+    counts = torch.tensor([len(c) for c in per_image], device=device)
+    images = torch.repeat_interleave(torch.arange(len(batch), device=device), counts)
+    shapes = torch.tensor([maps.shape[1:] for maps in batch], device=device, dtype=torch.int64).reshape(-1, 2)
+    cells = torch.cat(per_image)
+    heights, widths = shapes[images, 0], shapes[images, 1]
+    near, inside = _neighbours(heights, widths, cells)
+    both = torch.cat([cells[:, None], near], dim=1)
+    values = torch.cat([maps.reshape(-1)[part.clamp(0, maps.numel() - 1)]
+                        for maps, part in zip(batch, torch.split(both, counts.tolist()))])
+    centre, around = values[:, 0], torch.where(inside, values[:, 1:], float("-inf"))
+    if not (torch.isfinite(centre).all() and not torch.isnan(around).any()):
+        raise ValueError("decode: keypoint heatmaps contain NaN or inf")
+    return _Maxima(cells, images, heights, widths, inside, around, centre, centre >= around.amax(dim=1))
+
+
+def _unravel(cells: torch.Tensor, heights, widths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices (n,) of maps (18, heights, widths) -> (type, row, col) int64 (n,)."""
+    return cells // (heights * widths), (cells // widths) % heights, cells % widths
 
 
 def _windows(maps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor, radius: int,
@@ -66,8 +115,9 @@ def reference_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
     that leaves the map keeps the integer cell and the raw peak value. The arithmetic runs in numpy on the
     gathered windows so that float32 sums round exactly as the authors' numpy code did.
     """
-    maps32 = maps.to(torch.float32)
-    _, (t, r, c) = _local_maxima(maps32, config.keypoint_threshold)
+    maps32 = maps.to(torch.float32).contiguous()
+    m = _local_maxima([maps32], config.keypoint_threshold)
+    t, r, c = _unravel(m.cells[m.is_peak], m.heights[m.is_peak], m.widths[m.is_peak])
     rad = config.refine_radius
     height, width = maps.shape[-2:]
     win = _windows(maps32, t, r, c, rad).cpu().numpy()
@@ -83,30 +133,8 @@ def reference_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
     raw = win[:, rad, rad]
     score = np.where(inside, win.mean(axis=(1, 2)), raw).astype(np.float64)
     dev = maps.device
-    return Peaks(torch.from_numpy(np.stack([x, y], axis=1)).to(dev), torch.from_numpy(score).to(dev), t)
-
-
-def _cells_above(maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """int64 (K,) ascending flat indices of the cells of maps (K, h, w) that are >= threshold.
-
-    The one dense pass of the default decoder. On CPU it runs in numpy: torch's CPU compare + nonzero is about
-    7x slower than numpy's on one core (0.4 ms vs 0.06 ms for a 480x640 image's stride-4 maps).
-    """
-    if maps.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(maps.numpy() >= np.float32(threshold)))
-    return torch.nonzero(maps.reshape(-1) >= threshold).squeeze(1)
-
-
-def _neighbours(shape: tuple[int, int, int], cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (K, 8) of the 8-neighbours of flat cells (K,) in raster order (the 4 raster-earlier first),
-    and whether each lies inside its own map (K, 8) bool."""
-    _, height, width = shape
-    d_row = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1], device=cells.device)
-    d_col = torch.tensor([-1, 0, 1, -1, 1, -1, 0, 1], device=cells.device)
-    row, col = (cells // width) % height, cells % width
-    rows, cols = row[:, None] + d_row, col[:, None] + d_col
-    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    return cells[:, None] + d_row * width + d_col, inside
+    return Peaks(torch.from_numpy(np.stack([x, y], axis=1)).to(dev), torch.from_numpy(score).to(dev), t,
+                 torch.zeros_like(t))
 
 
 def _log_parabola(low: torch.Tensor, mid: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +148,8 @@ def _log_parabola(low: torch.Tensor, mid: torch.Tensor, high: torch.Tensor) -> t
     return offset, torch.where(concave, gain, torch.zeros_like(mid))
 
 
-def stride_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
-    """Our peaks on maps of any stride: maps float32 (18, h, w) -> Peaks in map cells.
+def stride_peaks(batch: list[torch.Tensor], config: DecoderConfig) -> Peaks:
+    """Our peaks on maps of any stride: a batch of maps float32 (18, h_i, w_i) -> Peaks in map cells.
 
     Only the cells >= keypoint_threshold are examined (a few hundred per image), each against its in-map
     8-neighbours. `tie_free_nms`: a peak next to a raster-earlier peak is dropped, so a plateau of equal maxima
@@ -132,42 +160,44 @@ def stride_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
     the mean of the (2r+1)^2 window.
     Raises ValueError when a value it reads is NaN or infinite.
     """
-    flat = maps.reshape(-1)
-    cells = _cells_above(maps, config.keypoint_threshold)
-    near, inside = _neighbours(maps.shape, cells)
-    around = torch.where(inside, flat[near.clamp(0, flat.numel() - 1)], float("-inf"))
-    centre = flat[cells]
-    if not (torch.isfinite(centre).all() and not torch.isnan(around).any()):
-        raise ValueError("decode: keypoint heatmaps contain NaN or inf")
-    is_peak = centre >= around.amax(dim=1)
-    if config.tie_free_nms:
-        peak_cells = cells[is_peak]
-        earlier = near[:, :4]
-        position = torch.searchsorted(peak_cells, earlier).clamp(max=max(len(peak_cells) - 1, 0))
-        earlier_is_peak = inside[:, :4] & (peak_cells[position] == earlier) if len(peak_cells) else inside[:, :4] & False
-        is_peak = is_peak & ~earlier_is_peak.any(dim=1)
-    cells, around, value = cells[is_peak], around[is_peak], centre[is_peak].to(torch.float64)
-    height, width = maps.shape[1:]
-    types, row, col = cells // (height * width), (cells // width) % height, cells % width
+    m = _local_maxima(batch, config.keypoint_threshold)
+    keep = m.is_peak & ~_after_a_peak(m) if config.tie_free_nms else m.is_peak
+    around, inside, images = m.around[keep], m.inside[keep], m.images[keep]
+    value = m.centre[keep].to(torch.float64)
+    types, row, col = _unravel(m.cells[keep], m.heights[keep], m.widths[keep])
     xy = torch.stack([col, row], dim=1).to(torch.float64)
     score = value
     if config.refinement == "log_parabola":
-        logs = torch.log(torch.cat([around, centre[is_peak][:, None]], dim=1).to(torch.float64).clamp(min=1e-6))
-        left, right, up, down, mid = logs[:, 3], logs[:, 4], logs[:, 1], logs[:, 6], logs[:, 8]
-        left, right = torch.where(inside[is_peak][:, 3], left, right), torch.where(inside[is_peak][:, 4], right, left)
-        up, down = torch.where(inside[is_peak][:, 1], up, down), torch.where(inside[is_peak][:, 6], down, up)
-        dx, gain_x = _log_parabola(left, mid, right)
-        dy, gain_y = _log_parabola(up, mid, down)
-        xy = xy + torch.stack([dx, dy], dim=1)
-        score = (value * torch.exp(gain_x + gain_y)).clamp(max=1.0)
+        offset, gain = _refine_log_parabola(around, inside, value)
+        xy = xy + offset
+        score = (value * torch.exp(gain)).clamp(max=1.0)
     if config.refinement == "centroid" or not config.peak_value_score:
-        win = torch.nan_to_num(_windows(maps, types, row, col, config.refine_radius, fill=0.0).to(torch.float64))
+        rad = config.refine_radius
+        win = torch.cat([_windows(maps, types[images == i], row[images == i], col[images == i], rad)
+                         for i, maps in enumerate(batch)]).to(torch.float64)
         if config.refinement == "centroid":
             w = win.clamp(min=0)
-            d = torch.arange(-config.refine_radius, config.refine_radius + 1, device=maps.device,
-                             dtype=torch.float64)
-            total = w.sum(dim=(1, 2)).clamp(min=1e-12)
-            xy = xy + torch.stack([(w * d).sum(dim=(1, 2)), (w * d[:, None]).sum(dim=(1, 2))], dim=1) / total[:, None]
+            d = torch.arange(-rad, rad + 1, device=w.device, dtype=torch.float64)
+            moments = torch.stack([(w * d).sum(dim=(1, 2)), (w * d[:, None]).sum(dim=(1, 2))], dim=1)
+            xy = xy + moments / w.sum(dim=(1, 2)).clamp(min=1e-12)[:, None]
         if not config.peak_value_score:
             score = win.mean(dim=(1, 2))
-    return Peaks(xy, score, types)
+    return Peaks(xy, score, types, images)
+
+
+def _after_a_peak(m: _Maxima) -> torch.Tensor:
+    """bool (n,): a raster-earlier neighbour holds the same value, i.e. the cell continues a plateau whose
+    first cell (in raster order) is already a peak (or which rises elsewhere and is no peak at all)."""
+    return (m.around[:, :4] == m.centre[:, None]).any(dim=1)
+
+
+def _refine_log_parabola(around: torch.Tensor, inside: torch.Tensor, value: torch.Tensor):
+    """around (n, 8) neighbour values in raster order, inside (n, 8), value (n,) float64 ->
+    (offset float64 (n, 2) x, y in cells, log-gain (n,) of the fitted peak over the cell value).
+    A neighbour outside the map mirrors the opposite one, so the fit stays on the cell along that axis."""
+    logs = torch.log(around.to(torch.float64).clamp(min=1e-6))
+    mid = torch.log(value.clamp(min=1e-6))
+    up, left, right, down = (torch.where(inside[:, k], logs[:, k], logs[:, 7 - k]) for k in (1, 3, 4, 6))
+    dx, gain_x = _log_parabola(left, mid, right)
+    dy, gain_y = _log_parabola(up, mid, down)
+    return torch.stack([dx, dy], dim=1), gain_x + gain_y

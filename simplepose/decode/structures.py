@@ -93,15 +93,17 @@ class Poses:
 
 
 def coco_results(poses: Poses, image_id: int, visibility: str = "score") -> list[dict]:
-    """COCO keypoint result dicts {image_id, category_id 1, keypoints: 51 floats, score} of one image.
+    """COCO keypoint result dicts {image_id, category_id 1, keypoints: 51 floats, score} of one image
+    (`simplepose.coco.keypoint_results`, which rounds coordinates to 1e-3 px).
 
     visibility: "score" writes each keypoint's score as its third value; "reference" writes the authors'
     flag instead, 1 iff x > 0 or y > 0 (SPEC §8.4, §15.6; COCOeval ignores it either way).
     """
+    from simplepose.coco import keypoint_results  # pycocotools is only needed by callers that write results
+
     if visibility not in ("score", "reference"):
         raise ValueError(f"coco_results: visibility {visibility!r} is not 'score' or 'reference'")
     kp = poses.keypoints.copy()
     if visibility == "reference":
         kp[..., 2] = ((kp[..., 0] > 0) | (kp[..., 1] > 0)).astype(np.float64)
-    return [{"image_id": int(image_id), "category_id": 1, "keypoints": [float(v) for v in kp[p].ravel()],
-             "score": float(poses.scores[p])} for p in range(len(poses))]
+    return keypoint_results(image_id, kp, poses.scores)

@@ -1,0 +1,177 @@
+"""`simplepose oracle ANNOTATIONS.json`: decode perfect heatmaps of a COCO keypoint file, the ceiling of the
+grouping alone (no network, no images).
+
+Every image's ground truth is rendered with `simplepose.targets.render_heatmaps` over the whole image at stride
+4 (no crop), passed through the inference post-processing (reference mode: the authors' x4 cubic upsampling to
+the original size, `simplepose.infer.upsample_reference`; default mode: the stride-4 grid as is,
+`simplepose.infer.heatmaps_from_stride4`) and decoded. COCOeval stats and the decoder's speed per core (one
+torch thread; tensor and assembly stages timed separately, rendering and post-processing excluded) are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+STRIDE = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("annotations", help="COCO person keypoints JSON (e.g. person_keypoints_val2017.json)")
+    parser.add_argument("--mode", choices=("default", "reference"), default="default",
+                        help="decoder mode (DecoderConfig.mode)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one DecoderConfig field, e.g. --option tie_free_nms=false (repeatable)")
+    parser.add_argument("--map-dtype", choices=("float16", "float32"), default="float16",
+                        help="precision of the rendered maps before decoding: float16 is how the authors' oracle "
+                             "maps were recorded (fixtures/oracle_train_maps.npz, AP 0.663 in reference mode)")
+    parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--results", default=None, help="also write the COCO results JSON here")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+
+
+def decoder_config(mode: str, options: list[str]):
+    """DecoderConfig from --mode and NAME=VALUE overrides (values parsed as the field's type)."""
+    from simplepose.decode import DecoderConfig
+
+    fields = {f.name: f for f in dataclasses.fields(DecoderConfig)}
+    changes = {}
+    for item in options:
+        name, _, value = item.partition("=")
+        if name not in fields or name == "mode":
+            raise SystemExit(f"oracle: unknown decoder option {name!r}; valid: {sorted(set(fields) - {'mode'})}")
+        default = getattr(DecoderConfig(), name)
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"oracle: option {name} needs true/false, got {value!r}")
+            changes[name] = value.lower() in ("true", "1")
+        else:
+            changes[name] = type(default)(value)
+    return DecoderConfig(mode=mode, **changes)
+
+
+def perfect_heatmaps(image: dict, keypoint_lists: list, mode: str, map_dtype: str = "float16"):
+    """Ground-truth maps of one image as the decoder's input: (Heatmaps, post-processing seconds).
+
+    The maps are rounded to `map_dtype` and back to float32 first: the authors' oracle figures were measured
+    on float16 maps (equal bit for bit to render_heatmaps cast to float16).
+    """
+    import torch
+
+    from simplepose.infer import Heatmaps, heatmaps_from_stride4, upsample_reference
+    from simplepose.skeleton import coco_to_reference
+    from simplepose.targets import render_heatmaps
+
+    height, width = image["height"], image["width"]
+    coco = np.asarray(keypoint_lists, dtype=np.float64).reshape(-1, 17, 3)
+    maps = render_heatmaps(coco_to_reference(coco).reshape(-1, 18, 3),
+                           (math.ceil(height / STRIDE), math.ceil(width / STRIDE)))
+    maps = maps.astype(map_dtype).astype(np.float32)
+    start = time.perf_counter()
+    if mode == "reference":
+        full = torch.from_numpy(upsample_reference(maps[:48], (height, width), (height, width)))
+        heatmaps = Heatmaps(full[30:48].contiguous(), full[:30].contiguous(), (1.0, 1.0, 0.0, 0.0),
+                            (height, width))
+    else:
+        heatmaps = heatmaps_from_stride4(torch.from_numpy(maps), 1.0, (height, width))
+    return heatmaps, time.perf_counter() - start
+
+
+def _decode_chunk(task):
+    """Worker: decode a chunk of images -> (results, [(tensor_s, assembly_s, tensor_cpu_s, assembly_cpu_s,
+    postprocess_s)] per image)."""
+    import torch
+
+    from simplepose.decode import assemble, coco_results, find_candidates
+
+    torch.set_num_threads(1)
+    config, map_dtype, items = task
+    visibility = "reference" if config.is_reference else "score"
+    results, times = [], []
+    if items:  # warm-up: torch's first calls allocate and dispatch slowly; not timed
+        assemble(find_candidates(perfect_heatmaps(*items[0], config.mode, map_dtype)[0], config), config)
+    for image, keypoint_lists in items:
+        heatmaps, post = perfect_heatmaps(image, keypoint_lists, config.mode, map_dtype)
+        w0, c0 = time.perf_counter(), time.thread_time()
+        candidates = find_candidates(heatmaps, config)
+        w1, c1 = time.perf_counter(), time.thread_time()
+        poses = assemble(candidates, config)
+        w2, c2 = time.perf_counter(), time.thread_time()
+        times.append((w1 - w0, w2 - w1, c1 - c0, c2 - c1, post))
+        results += coco_results(poses, image["id"], visibility)
+    return results, times
+
+
+def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16"):
+    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns."""
+    from simplepose.coco import evaluate_keypoints
+
+    with open(annotations) as f:
+        dataset = json.load(f)
+    persons: dict[int, list] = {}
+    for ann in dataset["annotations"]:
+        if not ann.get("iscrowd", 0) and ann.get("num_keypoints", 0) > 0:
+            persons.setdefault(ann["image_id"], []).append(ann["keypoints"])
+    images = dataset["images"][:limit]
+    items = [(image, persons.get(image["id"], [])) for image in images]
+    chunks = [items[i::workers] for i in range(workers)]
+    if workers == 1:
+        outputs = [_decode_chunk((config, map_dtype, items))]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, chunk) for chunk in chunks]))
+    results = [r for out, _ in outputs for r in out]
+    times = np.array([t for _, ts in outputs for t in ts]).reshape(-1, 5)
+    stats = evaluate_keypoints(dataset, results, image_ids=[image["id"] for image in images])
+    return results, stats, times
+
+
+def main(args: argparse.Namespace) -> int:
+    from jobs.bench.machine import describe_machine
+
+    config = decoder_config(args.mode, args.option)
+    if args.workers < 1:
+        raise SystemExit(f"oracle: --workers must be >= 1, got {args.workers}")
+    results, stats, times = run_oracle(args.annotations, config, args.workers, args.limit,
+                                        args.map_dtype)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(results, f)
+    n = len(times)
+    wall, cpu = times[:, :2].sum(axis=1), times[:, 2:4].sum(axis=1)
+    figures = {
+        "mode": config.mode, "map_dtype": args.map_dtype, "config": dataclasses.asdict(config),
+        "n_images": n, "n_persons": len(results),
+        "stats": stats,
+        # Per core: one torch thread per process; the CPU time of the decoding thread is the primary figure
+        # (robust to other processes sharing the cores), wall time is given too.
+        "images_per_s_per_core": n / cpu.sum() if cpu.sum() > 0 else float("inf"),
+        "images_per_s_per_core_wall": n / wall.sum() if wall.sum() > 0 else float("inf"),
+        "tensor_ms_median": 1e3 * float(np.median(times[:, 0])),
+        "assembly_ms_median": 1e3 * float(np.median(times[:, 1])),
+        "tensor_ms_mean": 1e3 * float(times[:, 0].mean()), "assembly_ms_mean": 1e3 * float(times[:, 1].mean()),
+        "tensor_cpu_ms_mean": 1e3 * float(times[:, 2].mean()), "assembly_cpu_ms_mean": 1e3 * float(times[:, 3].mean()),
+        "postprocess_ms_mean": 1e3 * float(times[:, 4].mean()),
+        "machine": describe_machine(),
+    }
+    print(f"oracle: {n} images, {len(results)} persons, decoder mode {config.mode}")
+    print(f"machine: {figures['machine']}")
+    print("COCOeval: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    print(f"decoder per core: {figures['images_per_s_per_core']:.1f} images/s (thread CPU time), "
+          f"{figures['images_per_s_per_core_wall']:.1f} images/s (wall)")
+    print(f"  tensor stage: median {figures['tensor_ms_median']:.3f} ms, mean {figures['tensor_ms_mean']:.3f} ms "
+          f"(cpu mean {figures['tensor_cpu_ms_mean']:.3f} ms) per image")
+    print(f"  assembly stage: median {figures['assembly_ms_median']:.3f} ms, mean "
+          f"{figures['assembly_ms_mean']:.3f} ms (cpu mean {figures['assembly_cpu_ms_mean']:.3f} ms) per image")
+    print(f"  post-processing (not in the decoder figure): mean {figures['postprocess_ms_mean']:.3f} ms per image")
+    if args.json:
+        print(json.dumps(figures))
+    return 0

@@ -1,0 +1,50 @@
+"""`simplepose oracle`: perfect maps of coco-mini decoded and evaluated end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main as cli_main
+
+STAT_KEYS = {"AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"}
+
+
+def run_oracle(capsys, *args) -> dict:
+    assert cli_main(["oracle", *args, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert STAT_KEYS <= set(figures["stats"]) and figures["images_per_s_per_core"] > 0
+    return figures
+
+
+def test_default_mode_clears_the_perfect_map_bar(capsys, coco_mini_annotations):
+    figures = run_oracle(capsys, str(coco_mini_annotations))
+    assert figures["n_images"] == 80 and figures["mode"] == "default"
+    assert figures["stats"]["AP"] >= 0.90  # the authors' decoder: 0.663 on the same maps
+    assert figures["tensor_ms_median"] > 0 and figures["assembly_ms_median"] > 0
+
+
+def test_reference_mode_and_options_on_a_few_images(capsys, coco_mini_annotations, tmp_path):
+    results = tmp_path / "results.json"
+    figures = run_oracle(capsys, str(coco_mini_annotations), "--mode", "reference", "--limit", "4",
+                         "--results", str(results))
+    assert figures["mode"] == "reference" and figures["n_images"] == 4
+    written = json.loads(results.read_text())
+    assert len(written) == figures["n_persons"]
+    assert all(v in (0.0, 1.0) for r in written for v in r["keypoints"][2::3])  # the authors' v flag
+    ablation = run_oracle(capsys, str(coco_mini_annotations), "--limit", "4", "--option", "tie_free_nms=false")
+    assert ablation["config"]["tie_free_nms"] is False
+
+
+def test_unknown_option_is_refused(coco_mini_annotations):
+    with pytest.raises(SystemExit, match="unknown decoder option"):
+        cli_main(["oracle", str(coco_mini_annotations), "--option", "speed=11"])
+
+
+def test_help():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "oracle", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--mode" in out and "--workers" in out and "--json" in out
