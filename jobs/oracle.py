@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-dtype", choices=("float16", "float32"), default="float16",
                         help="precision of the rendered maps before decoding: float16 is how the authors' oracle "
                              "maps were recorded (fixtures/oracle_train_maps.npz, AP 0.663 in reference mode)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per tensor-stage call (find_candidates_batch), as a labeling actor batches")
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--results", default=None, help="also write the COCO results JSON here")
@@ -86,31 +88,37 @@ def perfect_heatmaps(image: dict, keypoint_lists: list, mode: str, map_dtype: st
 
 
 def _decode_chunk(task):
-    """Worker: decode a chunk of images -> (results, [(tensor_s, assembly_s, tensor_cpu_s, assembly_cpu_s,
-    postprocess_s)] per image)."""
+    """Worker: decode a chunk of images, `batch_size` at a time through the tensor stage -> (results,
+    [(tensor_s, assembly_s, tensor_cpu_s, assembly_cpu_s, postprocess_s)] per image; a batch's tensor-stage
+    time is shared equally by its images)."""
     import torch
 
-    from simplepose.decode import assemble, coco_results, find_candidates
+    from simplepose.decode import assemble, coco_results, find_candidates_batch
 
     torch.set_num_threads(1)
-    config, map_dtype, items = task
+    config, map_dtype, batch_size, items = task
     visibility = "reference" if config.is_reference else "score"
     results, times = [], []
     if items:  # warm-up: torch's first calls allocate and dispatch slowly; not timed
-        assemble(find_candidates(perfect_heatmaps(*items[0], config.mode, map_dtype)[0], config), config)
-    for image, keypoint_lists in items:
-        heatmaps, post = perfect_heatmaps(image, keypoint_lists, config.mode, map_dtype)
+        warm = [perfect_heatmaps(*item, config.mode, map_dtype)[0] for item in items[:batch_size]]
+        [assemble(c, config) for c in find_candidates_batch(warm, config)]
+    for first in range(0, len(items), batch_size):
+        chunk = items[first:first + batch_size]
+        rendered = [perfect_heatmaps(image, keypoint_lists, config.mode, map_dtype)
+                    for image, keypoint_lists in chunk]
         w0, c0 = time.perf_counter(), time.thread_time()
-        candidates = find_candidates(heatmaps, config)
-        w1, c1 = time.perf_counter(), time.thread_time()
-        poses = assemble(candidates, config)
-        w2, c2 = time.perf_counter(), time.thread_time()
-        times.append((w1 - w0, w2 - w1, c1 - c0, c2 - c1, post))
-        results += coco_results(poses, image["id"], visibility)
+        candidates = find_candidates_batch([heatmaps for heatmaps, _ in rendered], config)
+        tensor_wall, tensor_cpu = (time.perf_counter() - w0) / len(chunk), (time.thread_time() - c0) / len(chunk)
+        for (image, _), cands, (_, post) in zip(chunk, candidates, rendered):
+            w1, c1 = time.perf_counter(), time.thread_time()
+            poses = assemble(cands, config)
+            times.append((tensor_wall, time.perf_counter() - w1, tensor_cpu, time.thread_time() - c1, post))
+            results += coco_results(poses, image["id"], visibility)
     return results, times
 
 
-def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16"):
+def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16",
+               batch_size: int = 16):
     """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns."""
     from simplepose.coco import evaluate_keypoints
 
@@ -124,10 +132,10 @@ def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = N
     items = [(image, persons.get(image["id"], [])) for image in images]
     chunks = [items[i::workers] for i in range(workers)]
     if workers == 1:
-        outputs = [_decode_chunk((config, map_dtype, items))]
+        outputs = [_decode_chunk((config, map_dtype, batch_size, items))]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, chunk) for chunk in chunks]))
+            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, batch_size, chunk) for chunk in chunks]))
     results = [r for out, _ in outputs for r in out]
     times = np.array([t for _, ts in outputs for t in ts]).reshape(-1, 5)
     stats = evaluate_keypoints(dataset, results, image_ids=[image["id"] for image in images])
@@ -137,18 +145,21 @@ def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = N
 def main(args: argparse.Namespace) -> int:
     from jobs.bench.machine import describe_machine
 
+    import torch
+
+    torch.set_num_threads(1)  # the figures are per core: one torch thread here and in every worker
     config = decoder_config(args.mode, args.option)
-    if args.workers < 1:
-        raise SystemExit(f"oracle: --workers must be >= 1, got {args.workers}")
+    if args.workers < 1 or args.batch_size < 1:
+        raise SystemExit(f"oracle: --workers and --batch-size must be >= 1, got {args.workers}, {args.batch_size}")
     results, stats, times = run_oracle(args.annotations, config, args.workers, args.limit,
-                                        args.map_dtype)
+                                        args.map_dtype, args.batch_size)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results, f)
     n = len(times)
     wall, cpu = times[:, :2].sum(axis=1), times[:, 2:4].sum(axis=1)
     figures = {
-        "mode": config.mode, "map_dtype": args.map_dtype, "config": dataclasses.asdict(config),
+        "mode": config.mode, "map_dtype": args.map_dtype, "batch_size": args.batch_size, "config": dataclasses.asdict(config),
         "n_images": n, "n_persons": len(results),
         "stats": stats,
         # Per core: one torch thread per process; the CPU time of the decoding thread is the primary figure
@@ -162,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
         "postprocess_ms_mean": 1e3 * float(times[:, 4].mean()),
         "machine": describe_machine(),
     }
-    print(f"oracle: {n} images, {len(results)} persons, decoder mode {config.mode}")
+    print(f"oracle: {n} images, {len(results)} persons, decoder mode {config.mode}, maps {args.map_dtype}, "
+          f"tensor stage in batches of {args.batch_size}")
     print(f"machine: {figures['machine']}")
     print("COCOeval: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
     print(f"decoder per core: {figures['images_per_s_per_core']:.1f} images/s (thread CPU time), "

@@ -179,7 +179,7 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
 class ChunkWriter:
     """Collects output rows per chunk and commits a chunk as soon as all its rows have arrived.
 
-    Rows are keyed by input_index, so a row delivered twice (a retried task) is stored once.
+    Rows are keyed by input_index, so a row delivered twice (a retried task) is written once.
     """
 
     def __init__(self, folder: label_run.RunFolder, run: dict, chunk_size: int, objects: int,
@@ -187,6 +187,7 @@ class ChunkWriter:
         self.folder, self.run, self.chunk_size, self.objects = folder, run, chunk_size, objects
         self.expected = {c: min(chunk_size, objects - c * chunk_size) for c in pending}
         self.buffers: dict[int, dict[int, dict]] = {}
+        self.committed: set[int] = set()
         self.metadata = tables.table_metadata({k: run[k] for k in ("run_id", "model_name", "model_version")})
         self.rows_written = self.failed = 0
         self.started = self.last_report = time.monotonic()
@@ -196,6 +197,8 @@ class ChunkWriter:
         touched = set()
         for i, index in enumerate(np.asarray(batch["input_index"], np.int64)):
             chunk = int(index) // self.chunk_size
+            if chunk in self.committed:  # a late duplicate of a committed row: already written once
+                continue
             if chunk not in self.expected:
                 raise RuntimeError(f"row for input {index} of chunk {chunk}, which is not pending")
             self.buffers.setdefault(chunk, {})[int(index)] = {name: batch[name][i] for name in batch}
@@ -210,6 +213,7 @@ class ChunkWriter:
         images, poses = chunk_tables(rows, self.run, self.metadata)
         self.folder.write_chunk(chunk, images, poses)
         del self.expected[chunk]
+        self.committed.add(chunk)
         self.rows_written += len(rows)
         self.failed += sum(row["status"] != "ok" for row in rows)
 

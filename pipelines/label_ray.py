@@ -1,9 +1,9 @@
 """The labeling job's Ray side: joining or starting Ray, and the Ray Data graph of the stages.
 
 Each stage is its own operator with its own resources (notes/STACK.md §5, P3): reads are light tasks,
-decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the defaults
-reserve 0.25 + 0.5 + 1 + 0.25 CPUs for the minimum pools, so reads always find a free slot (a pool that
-takes every CPU makes Ray Data wait forever).
+decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the default
+minimum pools take 0.5 + 1 + 0.25 CPUs and leave 0.25 for read tasks (a pool that takes every CPU makes Ray
+Data wait forever); pools grow only into CPUs that are free.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, rea
 LOG = logging.getLogger(__name__)
 
 # Before `import ray` (STACK P9, P10): no token-auth file, no usage stats, no C++ actor-argument noise.
+BLOCK_BYTES = 1 << 20
+"""Target Ray Data block size: a few images' bytes, one or two decoded network inputs."""
+
 QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
 
 
@@ -41,11 +44,19 @@ def connect_ray(address: str | None = None) -> Iterator[dict[str, float]]:
         started = True
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its own logger: ray.init's level does not reach it
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the job logs its own progress (objects, failures, images/s)
-    context.print_on_execution_start = False
+    # The job logs its own progress (objects, failures, images/s). Small blocks: a map task turns one input
+    # block into one task, so with the default 128 MiB blocks the objects of a whole chunk would go through
+    # each stage as one task (no pipelining, no parallelism). Restored on exit: the context is per process.
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False,
+                "target_max_block_size": BLOCK_BYTES}
+    previous = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
     try:
         yield dict(ray.cluster_resources())
     finally:
+        for name, value in previous.items():
+            setattr(context, name, value)
         if started:
             ray.shutdown()
 
@@ -91,9 +102,7 @@ def source(config, chunk_uris: list[str]):
     dataset = ray.data.from_items([{"chunk_uri": uri} for uri in chunk_uris], override_num_blocks=len(chunk_uris))
     dataset = dataset.map_batches(list_chunk_rows, batch_size=1, num_cpus=config.read_cpus,
                                   fn_kwargs={"storage_options": dict(config.storage_options)})
-    # Ray Data would otherwise keep a chunk's (or several chunks') URIs in one block, and every later stage
-    # would run that block as one task: no pipelining between stages and no parallelism within one.
-    return dataset.repartition(target_num_rows_per_block=config.read_batch_size)
+    return dataset
 
 
 def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple[str, Callable]]:

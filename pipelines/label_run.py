@@ -110,6 +110,8 @@ class RunFolder:
         if paths:
             self._write_input_chunk(chunks, objects, ids, paths)
             chunks, objects = chunks + 1, objects + len(paths)
+        if objects == 0:
+            raise ValueError(f"the input of the run in {self.output} matched no objects")
         self.write_json("_inputs/_complete.json", {"chunks": chunks, "objects": objects})
         LOG.info("input list frozen: %d objects in %d chunks of up to %d", objects, chunks, chunk_size)
         return chunks, objects

@@ -104,6 +104,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    torch.backends.cudnn.benchmark = True  # fixed input sizes per stage, as the authors ran
     torch.manual_seed(config.data.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = IMHN.from_config(config.model)
     checkpoint = ray.train.get_checkpoint()
@@ -159,6 +160,7 @@ def train_loop(loop_config: dict) -> None:
             totals.append(float(loss.detach()))
             if logger and (step % config.tracking.log_every_steps == 0 or i == iters - 1):
                 elapsed = time.perf_counter() - epoch_start
+                # rank 0's batch loss; epoch_loss is its mean over the epoch
                 logger.log({"loss": totals[-1], "lr": lr, **{f"loss_scale{j}": v for j, v in enumerate(per_scale)},
                             "images_per_s": config.batch_size * world * (i + 1) / elapsed},
                            step=step)
@@ -170,7 +172,7 @@ def train_loop(loop_config: dict) -> None:
         if logger:
             logger.log({k: v for k, v in metrics.items() if k not in ("stage", "step", "start_epoch")}, step=step)
             logger.flush()
-        _report(metrics, ddp_model, model if rank == 0 else None, optimizer, scaler, epoch, step, config)
+        _report(metrics, model if rank == 0 else None, optimizer, scaler, epoch, step, config)
 
 
 def _skip(loss: torch.Tensor, limit: float | None, world: int, device: torch.device) -> bool:
@@ -184,7 +186,7 @@ def _skip(loss: torch.Tensor, limit: float | None, world: int, device: torch.dev
     return bool(bad.item() > 0)
 
 
-def _report(metrics: dict, ddp_model, model: IMHN | None, optimizer, scaler, epoch: int, step: int,
+def _report(metrics: dict, model: IMHN | None, optimizer, scaler, epoch: int, step: int,
             config: TrainConfig) -> None:
     """Every rank reports; rank 0 (the one given `model`) attaches the checkpoint folder."""
     import ray.train

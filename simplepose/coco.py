@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 
@@ -91,8 +90,9 @@ def training_samples(coco, image_ids: Sequence[int] | None = None, min_keypoints
 
     A main person is a non-crowd annotation with num_keypoints >= min_keypoints and area >= min_area whose
     bbox centre is not closer than separation * max(w, h) of an already chosen main person, using that chosen
-    person's bbox. (The reference takes the size from a stale loop variable, the image's last annotation; we
-    use the chosen person's, as its comment intends.)
+    person's bbox. (The reference takes that size from a stale loop variable, the image's last annotation;
+    we use the chosen person's, which is evidently what was meant.) Pass a COCO object (`load_coco`) when
+    calling this and `image_masks` repeatedly: a path or dict is indexed again on every call.
     """
     coco = load_coco(coco)
     ids = coco.getImgIds() if image_ids is None else list(image_ids)
@@ -227,9 +227,14 @@ def _check_results(results: list[dict], known_ids: set[int]) -> None:
         if result["category_id"] != 1:
             raise ValueError(f"evaluate_keypoints: results[{index}] has category_id {result['category_id']!r}; "
                              f"keypoint results are persons (1)")
-        keypoints = result["keypoints"]
-        if len(keypoints) != 51:
-            raise ValueError(f"evaluate_keypoints: results[{index}] has {len(keypoints)} keypoint values, "
-                             f"expected 51 (17 COCO keypoints as x, y, score)")
-        if not all(math.isfinite(float(v)) for v in keypoints) or not math.isfinite(float(result["score"])):
-            raise ValueError(f"evaluate_keypoints: results[{index}] has a non-finite keypoint or score")
+        if len(result["keypoints"]) != 51:
+            raise ValueError(f"evaluate_keypoints: results[{index}] has {len(result['keypoints'])} keypoint "
+                             f"values, expected 51 (17 COCO keypoints as x, y, score)")
+    try:
+        values = np.array([[*r["keypoints"], r["score"]] for r in results], dtype=np.float64).reshape(-1, 52)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"evaluate_keypoints: keypoints and scores must be numbers ({error})") from None
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"evaluate_keypoints: results[{int(np.argmin(finite))}] has a non-finite keypoint or "
+                         f"score")

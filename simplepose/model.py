@@ -69,7 +69,7 @@ class IMHNConfig:
             raise ValueError(f"IMHNConfig.outputs must be >= 1, got {self.outputs}")
 
     def level_widths(self) -> tuple[int, ...]:
-        """Channels C_d = width + increase*d of hourglass levels d = 0..5 (C_0..C_4 are the 5 outputs)."""
+        """Channels C_d = width + increase*d of the hourglass levels d = 0..4, one per output scale."""
         return tuple(self.width + self.increase * d for d in range(NUM_SCALES))
 
 

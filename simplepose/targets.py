@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from simplepose.skeleton import (KEYPOINT_CHANNELS, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL, NUM_CHANNELS,
-                                 NUM_KEYPOINTS, NUM_LIMBS, PERSON_MASK_CHANNEL)
+                                 NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
 
 LOG = logging.getLogger(__name__)
 
@@ -152,12 +152,12 @@ def _render_keypoints(channels: np.ndarray, kp: np.ndarray, config: TargetConfig
     cols = np.rint(x / s).astype(np.int64)[:, None] + span  # (N, window) around round(x / stride)
     rows = np.rint(y / s).astype(np.int64)[:, None] + span
     scale = -0.5 / config.keypoint_sigma ** 2
-    gx = np.exp((cols * s + (s / 2 - 0.5) - x[:, None]) ** 2 * scale)  # the Gaussian is separable
-    gy = np.exp((rows * s + (s / 2 - 0.5) - y[:, None]) ** 2 * scale)
+    gx = np.exp((cols * s + (s / 2 - 0.5) - x[:, None]) ** 2 * scale).astype(np.float32)  # separable
+    gy = np.exp((rows * s + (s / 2 - 0.5) - y[:, None]) ** 2 * scale).astype(np.float32)
     # Window cells outside the grid get weight 0 and are clipped onto it: a max with 0 changes nothing.
     gx[(cols < 0) | (cols >= w)] = 0.0
     gy[(rows < 0) | (rows >= h)] = 0.0
-    g = (gy[:, :, None] * gx[:, None, :]).astype(np.float32)  # (N, window, window)
+    g = gy[:, :, None] * gx[:, None, :]  # (N, window, window)
     if config.style == "paper":
         g[g < config.keypoint_threshold] = 0.0
     rows, cols = np.minimum(np.maximum(rows, 0), h - 1), np.minimum(np.maximum(cols, 0), w - 1)  # np.clip is slow
@@ -252,16 +252,20 @@ def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tup
     persons = np.zeros((height, width), bool)  # non-crowd persons so far
     unlabelled = np.zeros((height, width), bool)
     crowd = np.zeros((height, width), bool)
+    crowds = 0
     for ann in annotations:
         if "segmentation" not in ann:
             raise ValueError(f"person_masks: annotation {ann.get('id')!r} has no 'segmentation'")
         region = _decode_segmentation(ann["segmentation"], height, width)
         if ann.get("iscrowd", 0):
             crowd |= region & ~persons
+            crowds += 1
         else:
             persons |= region
             if ann.get("num_keypoints", 0) == 0:
                 unlabelled |= region
+    if crowds > 1:
+        LOG.debug("person_masks: %d crowd regions, masked as their union (the reference raises)", crowds)
     mask_miss = np.where(unlabelled | crowd, 0, 255).astype(np.uint8)
     mask_all = np.where(persons | crowd, 255, 0).astype(np.uint8)
     return mask_miss, mask_all

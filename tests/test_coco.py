@@ -177,6 +177,7 @@ def test_evaluate_degrades_and_restricts(gt, capsys):
     (lambda r: r[0].pop("score"), ValueError, "lacks"),
     (lambda r: r[0].update(category_id=2), ValueError, "category_id"),
     (lambda r: r[0].update(score=float("nan")), ValueError, "non-finite"),
+    (lambda r: r[1].update(score="high"), ValueError, "must be numbers"),
     (lambda r: r.append("x"), TypeError, "not a dict"),
 ])
 def test_evaluate_rejects_bad_results(gt, mutate, error, match):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from simplepose.decode import Candidates, DecoderConfig, Poses, assemble, coco_results, decode, find_candidates
 from simplepose.decode.pairs import enumerate_pairs, stride_pair_scores
-from simplepose.decode.peaks import reference_peaks, stride_peaks
+from simplepose.decode.peaks import Peaks, reference_peaks, stride_peaks
 from simplepose.infer import Heatmaps
 from simplepose.skeleton import COCO_TO_REFERENCE, LIMBS, coco_to_reference
 from simplepose.targets import render_heatmaps
@@ -42,6 +42,13 @@ def stride4_heatmaps(coco_persons, image_size):
     return Heatmaps(maps[30:48].contiguous(), maps[:30].contiguous(), STRIDE4, image_size)
 
 
+def score_pairs(limb_maps, xy, types, scale, height, config):
+    """stride_pair_scores for one image of candidates xy (N, 2) map cells with types (N,)."""
+    peaks = Peaks(xy, torch.ones(len(types), dtype=torch.float64), types, torch.zeros_like(types))
+    return stride_pair_scores([limb_maps], peaks, torch.tensor([scale], dtype=torch.float64),
+                              torch.tensor([height], dtype=torch.float64), config)
+
+
 def match(poses: Poses, truth: np.ndarray, tolerance: float) -> None:
     """Each true person (17, 3) has a detected person with every keypoint within `tolerance` pixels."""
     for true in truth:
@@ -56,7 +63,7 @@ def match(poses: Poses, truth: np.ndarray, tolerance: float) -> None:
 def test_log_parabola_recovers_gaussian_centre_and_peak(x, y, sigma):
     maps = torch.zeros(18, 30, 40)
     maps[5] = torch.from_numpy(gaussian((30, 40), x, y, sigma, peak=0.9))
-    peaks = stride_peaks(maps, DEFAULT)
+    peaks = stride_peaks([maps], DEFAULT)
     assert peaks.types.tolist() == [5]
     assert np.allclose(peaks.xy[0].numpy(), (x, y), atol=1e-3)
     assert peaks.scores[0].item() == pytest.approx(0.9, abs=1e-4)
@@ -69,7 +76,7 @@ def test_reference_centroid_keeps_the_axis_swap_bug():
     peaks = reference_peaks(maps, REFERENCE)
     assert np.allclose(peaks.xy[0].numpy(), (11.0, 19.834), atol=1e-3)
     assert peaks.scores[0].item() == pytest.approx(0.6256, abs=1e-4)
-    fixed = stride_peaks(maps, DEFAULT.replace(refinement="centroid", peak_value_score=False))
+    fixed = stride_peaks([maps], DEFAULT.replace(refinement="centroid", peak_value_score=False))
     assert fixed.xy[0, 1].item() == pytest.approx(20.0, abs=1e-6)  # rows do not leak into y any more
     assert 10.5 < fixed.xy[0, 0].item() < 11.0
 
@@ -77,8 +84,8 @@ def test_reference_centroid_keeps_the_axis_swap_bug():
 def test_plateau_gives_one_peak_only_with_tie_free_nms():
     maps = torch.zeros(18, 10, 10)
     maps[3, 4:6, 4:6] = 0.8
-    assert len(stride_peaks(maps, DEFAULT).types) == 1
-    assert len(stride_peaks(maps, DEFAULT.replace(tie_free_nms=False)).types) == 4
+    assert len(stride_peaks([maps], DEFAULT).types) == 1
+    assert len(stride_peaks([maps], DEFAULT.replace(tie_free_nms=False)).types) == 4
     assert len(reference_peaks(maps, REFERENCE).types) == 4  # the reference keeps every tied cell
 
 
@@ -86,7 +93,7 @@ def test_peaks_at_the_map_border_and_below_threshold():
     maps = torch.zeros(18, 12, 12)
     maps[2] = torch.from_numpy(gaussian((12, 12), 0.0, 11.0, 2.0))  # centred on the bottom-left corner cell
     maps[4, 6, 6] = 0.099  # below keypoint_threshold
-    peaks = stride_peaks(maps, DEFAULT)
+    peaks = stride_peaks([maps], DEFAULT)
     assert peaks.types.tolist() == [2]
     assert np.allclose(peaks.xy[0].numpy(), (0.0, 11.0))  # mirrored neighbours keep it on the border cell
     ref = reference_peaks(maps, REFERENCE)
@@ -97,7 +104,8 @@ def test_peaks_at_the_map_border_and_below_threshold():
 
 def test_enumerate_pairs_order_is_limb_then_a_then_b():
     types = torch.tensor([0, 0, 1, 1, 1, 14])  # two noses, three necks, one right eye
-    limbs, a, b = enumerate_pairs(types)
+    limbs, a, b, images = enumerate_pairs(types)
+    assert not images.any()
     expected = [(0, i, j) for i in (2, 3, 4) for j in (0, 1)]  # limb 0 = neck -> nose
     expected += [(1, i, 5) for i in (2, 3, 4)]  # neck -> Reye
     expected += [(5, i, 5) for i in (0, 1)]  # nose -> Reye
@@ -109,12 +117,12 @@ def test_pair_scoring_accepts_the_band_and_rejects_a_crossing():
     limb_maps[0, 20, 5:36] = 0.9  # a horizontal neck->nose band on row 20
     xy = torch.tensor([[5.0, 20.0], [35.0, 5.0], [35.0, 20.0]], dtype=torch.float64)
     types = torch.tensor([0, 0, 1])  # noses 0 and 1, neck 2
-    pairs = stride_pair_scores(limb_maps, xy, types, 4.0, 160.0, DEFAULT)
+    pairs = score_pairs(limb_maps, xy, types, 4.0, 160.0, DEFAULT)
     assert pairs.limbs.tolist() == [0] and pairs.a.tolist() == [2] and pairs.b.tolist() == [0]
     assert pairs.scores[0].item() == pytest.approx(0.9)
     assert pairs.lengths[0].item() == pytest.approx(4.0 * 30)
-    nearest = stride_pair_scores(limb_maps, xy + torch.tensor([0.0, 0.4], dtype=torch.float64), types, 4.0,
-                                 160.0, DEFAULT.replace(bilinear_samples=False))
+    nearest = score_pairs(limb_maps, xy + torch.tensor([0.0, 0.4], dtype=torch.float64), types, 4.0, 160.0,
+                          DEFAULT.replace(bilinear_samples=False))
     assert nearest.scores[0].item() == pytest.approx(0.9)  # nearest cell: row 20.4 reads row 20
 
 
@@ -122,8 +130,8 @@ def test_distance_prior_penalises_limbs_longer_than_half_the_image_height():
     limb_maps = torch.full((30, 8, 100), 0.9)
     xy = torch.tensor([[0.0, 4.0], [99.0, 4.0]], dtype=torch.float64)
     types = torch.tensor([0, 1])
-    plain = stride_pair_scores(limb_maps, xy, types, 4.0, 400.0, DEFAULT)
-    prior = stride_pair_scores(limb_maps, xy, types, 4.0, 400.0, DEFAULT.replace(distance_prior=True))
+    plain = score_pairs(limb_maps, xy, types, 4.0, 400.0, DEFAULT)
+    prior = score_pairs(limb_maps, xy, types, 4.0, 400.0, DEFAULT.replace(distance_prior=True))
     assert plain.scores[0].item() == pytest.approx(0.9)
     assert prior.scores[0].item() == pytest.approx(0.9 + 0.5 * 400 / 396 - 1)
 
@@ -152,16 +160,19 @@ def test_round_trip_two_persons_at_stride4():
 
 
 def test_missing_keypoint_type_and_no_neck():
-    """No left shoulder, hence no neck: the head still joins the body through nose->Rsho and Rear->Rsho; the
-    left arm (linked to the body only through the left shoulder) is a separate, lower-ranked person."""
+    """No left shoulder, hence no neck: the head still joins the body through nose->Rsho and Rear->Rsho. The
+    left arm is linked to the body only through the left shoulder: a separate group that `attach_fragments`
+    moves into the person (without it, a separate lower-ranked person)."""
     truth = person(200, 50)
     truth[5, 2] = 0
-    poses = decode(stride4_heatmaps(truth[None], (300, 400)))
-    best = poses.keypoints[0]
-    present = np.array([k not in (5, 7, 9) for k in range(17)])
-    assert (best[~present, 2] == 0).all() and (best[present, 2] > 0.9).all()
+    maps = stride4_heatmaps(truth[None], (300, 400))
+    present = np.arange(17) != 5
+    best = decode(maps).keypoints[0]
+    assert len(decode(maps)) == 1 and best[5, 2] == 0 and (best[present, 2] > 0.9).all()
     assert np.abs(best[present, :2] - truth[present, :2]).max() < 1.0
-    assert len(poses) == 2 and (poses.keypoints[1, [7, 9], 2] > 0).all() and poses.scores[1] < poses.scores[0]
+    split = decode(maps, DEFAULT.replace(attach_fragments=False))
+    assert len(split) == 2 and (split.keypoints[0, [5, 7, 9], 2] == 0).all()
+    assert (split.keypoints[1, [7, 9], 2] > 0).all() and split.scores[1] < split.scores[0]
 
 
 def test_persons_never_share_a_keypoint_and_types_are_unique():
@@ -275,7 +286,7 @@ def test_assembly_invariants_on_random_pairs(data):
     ys = data.draw(st.lists(st.floats(1, 200), min_size=n, max_size=n))
     xy = np.column_stack([np.arange(n) * 7.0 + 1, ys]).reshape(n, 2)  # distinct x: candidates are told apart
     scores = np.array(data.draw(st.lists(st.floats(0.1, 1.0), min_size=n, max_size=n)), dtype=np.float64)
-    limbs, a, b = (t.numpy() for t in enumerate_pairs(torch.from_numpy(types)))
+    limbs, a, b, _ = (t.numpy() for t in enumerate_pairs(torch.from_numpy(types)))
     chosen = np.array(data.draw(st.lists(st.booleans(), min_size=len(limbs), max_size=len(limbs))), dtype=bool)
     m = int(chosen.sum())
     pair_scores = np.array(data.draw(st.lists(st.floats(0.01, 1.0), min_size=m, max_size=m)), dtype=np.float64)
@@ -290,3 +301,18 @@ def test_assembly_invariants_on_random_pairs(data):
     found = poses.keypoints[..., :2][poses.keypoints[..., 2] > 0]
     # With singletons kept, every candidate except the necks (no COCO slot) is written exactly once.
     assert len(found) == int((types != 1).sum())
+
+
+def test_batch_equals_one_by_one_and_keeps_images_apart():
+    """A batch of differently sized images gives each image exactly its own single-image candidates."""
+    from simplepose.decode import find_candidates_batch
+
+    batch = [stride4_heatmaps(person(80, 40)[None], (240, 200)),
+             Heatmaps(torch.zeros(18, 10, 12), torch.zeros(30, 10, 12), STRIDE4, (40, 48)),
+             stride4_heatmaps(np.stack([person(60, 30), person(200, 50, 1.2)]), (300, 330))]
+    together = find_candidates_batch(batch)
+    assert len(together) == 3 and len(together[1].types) == 0
+    for alone, mine in zip((find_candidates(maps) for maps in batch), together):
+        for name in ("xy", "scores", "types", "pair_limbs", "pair_a", "pair_b", "pair_scores", "pair_lengths"):
+            np.testing.assert_allclose(getattr(mine, name), getattr(alone, name), err_msg=name)
+        assert mine.image_size == alone.image_size

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -130,6 +131,8 @@ def test_run_folder_freeze_start_and_overwrite(tmp_path):
     uris = ((f"{i}", f"s3://b/{i}.jpg") for i in range(5))
     assert folder.freeze_inputs(uris, chunk_size=2) == (3, 5)
     assert folder.freeze_inputs(iter(()), chunk_size=2) == (3, 5)  # frozen: the new listing is ignored
+    with pytest.raises(ValueError, match="matched no objects"):
+        label_run.RunFolder(str(tmp_path / "empty")).freeze_inputs(iter(()), chunk_size=2)
     last = pq.read_table(str(tmp_path / "out" / "_inputs" / label_run.part_name(2)))
     assert last["input_index"].to_pylist() == [4]
     with pytest.raises(ValueError, match="changed: boxsize"):
@@ -151,7 +154,7 @@ def test_chunk_writer_commits_complete_chunks_once(tmp_path):
     assert folder.committed_chunks() == set()
     writer.add(batch([rows[2], rows[0]]))  # row 0 delivered twice (a retried task): stored once
     assert folder.committed_chunks() == {1}
-    writer.add(batch([rows[1]]))
+    writer.add(batch([rows[1], rows[2]]))  # row 2 again, after its chunk was committed: ignored
     writer.check_done()
     assert folder.committed_chunks() == {0, 1} and writer.rows_written == 3 and writer.failed == 1
     totals = folder.totals()
@@ -185,6 +188,9 @@ def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
     assert batch["status"].tolist() == ["ok", "decode_error", "decode_error", "empty", "read_error"]
     assert batch["width"][0] > 0 and batch["inputs"][0] and batch["inputs"][1] == b""
     assert "data" not in batch  # the bytes are dropped after decoding
+    tiny_limit = DecodeStage(config.infer_config(), max_pixels=100)(read_objects_batch(
+        {name: batch[name][:1] for name in ("input_index", "image_id", "uri")}, retries=0))
+    assert tiny_limit["status"].tolist() == ["too_large"] and tiny_limit["inputs"][0] == b""
     batch = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
     assert batch["status"][0] == "ok" and batch["candidates"][0]
     batch = AssembleStage(config.decoder_config())(batch)
@@ -211,7 +217,25 @@ def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
     assert out["status"].tolist() == ["ok", "inference_error"] and "multiples of 64" in out["error"][1]
 
 
-def test_label_help_runs():
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--help"], capture_output=True, text=True,
+@pytest.mark.parametrize("command, option", [(["label"], "--overwrite"), (["bench", "label"], "--images")])
+def test_help_runs(command, option):
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", *command, "--help"], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0 and "--model" in result.stdout and "--overwrite" in result.stdout
+    assert result.returncode == 0 and option in result.stdout
+
+
+def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monkeypatch):
+    from pipelines import registry, tracking
+    from pipelines.label_stages import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = tracking.client()
+    experiment = tracking.ensure_experiment(client, "label-test", str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifact(run_id, tiny_checkpoint, registry.MODEL_ARTIFACT_PATH)
+    artifact = tmp_path / "artifacts" / run_id / "artifacts" / registry.MODEL_ARTIFACT_PATH
+    (artifact / "tiny.pt").rename(artifact / registry.MODEL_FILE)
+    name = f"imhn-{uuid.uuid4().hex[:8]}"  # unique: the registry's download cache outlives the test
+    registry.register_checkpoint(client, name, run_id, alias="champion")
+    assert describe_model(f"models:/{name}@champion") == (f"models:/{name}/1", name, "1")
+    assert load_model(f"models:/{name}/1").training is False

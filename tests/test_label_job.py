@@ -136,7 +136,3 @@ def test_label_job_killed_and_rerun_finishes_without_duplicates(s3_data, ray_clu
     _check_images_exactly_once(root, {f"s3://label-in/imgs/{n}" for n in [*names, *BROKEN]})
     poses = pq.read_table(f"{root}/poses").to_pandas()
     assert not poses.duplicated(["image_id", "person_index"]).any()
-
-    fresh = run_label_job(LabelJobConfig(input="s3://label-in/imgs/", output=output, model="s3://label-in/tiny.pt",
-                                         chunk_size=2, overwrite=True, **{**SMALL, "boxsize": 256}))
-    assert not fresh.resumed and fresh.processed == total

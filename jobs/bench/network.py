@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bf16/fp16 run under torch.autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids "
+                        "spin-waiting when other processes share the cores")
     parser.add_argument("--iters", type=int, default=10, help="timed batches")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
 
@@ -69,6 +71,8 @@ def build(args: argparse.Namespace) -> IMHN:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build(args)
     print(f"machine: {describe_machine()}")

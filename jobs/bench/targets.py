@@ -92,12 +92,15 @@ def main(args: argparse.Namespace) -> int:
     print(f"timed per sample: augmentation draw, tint, warp of image + 2 masks, keypoints, "
           f"{args.style} targets (50, {args.size // 4}, {args.size // 4}), image to float; "
           f"{args.workers} worker(s) x {args.seconds:g} s, 1 thread each")
+    load_before = os.getloadavg()[0]
     jobs = [(args, samples, sources, worker) for worker in range(args.workers)]
     if args.workers == 1:
         results = [_worker(*jobs[0])]
     else:  # fork: the prepared images are shared copy-on-write instead of pickled to each worker
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
             results = pool.starmap(_worker, jobs)
+    print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+          f"{os.cpu_count()} logical cores (other processes inflate CPU time through shared caches)")
     for worker, (count, cpu, wall) in enumerate(results):
         print(f"worker {worker}: {count} samples, {cpu:.2f} CPU s, {wall:.2f} wall s: "
               f"{count / cpu:.1f} samples per CPU-second, {count / wall:.1f} samples/s wall")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from simplepose.decode.assembly import assemble_greedy
@@ -20,12 +19,12 @@ from simplepose.decode.maps import check_heatmaps
 from simplepose.decode.pairs import reference_pair_scores, stride_pair_scores
 from simplepose.decode.peaks import reference_peaks, stride_peaks
 from simplepose.decode.reference import assemble_reference
-from simplepose.decode.structures import Candidates, Poses, coco_results
+from simplepose.decode.structures import Candidates, Poses, coco_results, split_by_image
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["DecoderConfig", "Candidates", "Poses", "find_candidates", "find_candidates_batch", "assemble", "decode",
-           "coco_results"]
+__all__ = ["DecoderConfig", "Candidates", "Poses", "find_candidates", "find_candidates_batch", "assemble",
+           "decode", "coco_results"]
 
 
 @torch.inference_mode()
@@ -38,9 +37,14 @@ def find_candidates(heatmaps, config: DecoderConfig = DecoderConfig()) -> Candid
 def find_candidates_batch(batch: Sequence, config: DecoderConfig = DecoderConfig()) -> list[Candidates]:
     """Tensor stage. batch: `simplepose.infer.Heatmaps` (keypoints (18, h, w), limbs (30, h, w) float tensors
     on one device, map_to_image (sx, sy, ox, oy), image_size (H, W)) per image -> Candidates per image, in
-    original image pixels. The default mode decodes the whole batch in one set of tensor operations (their
-    fixed cost is what dominates on small maps); reference mode decodes image by image."""
+    original image pixels (sx is taken as the pixels per cell for lengths: maps have square cells). The default
+    mode decodes the whole batch in one set of tensor operations (their fixed cost is what dominates on small
+    maps: batches of 16 are ~3x faster per image than one by one on a CPU core); reference mode goes image by
+    image."""
     checked = [check_heatmaps(heatmaps, config) for heatmaps in batch]
+    devices = sorted({str(item[0].device) for item in checked})
+    if len(devices) > 1:
+        raise ValueError(f"find_candidates_batch: the batch's maps are on several devices {devices}")
     if config.is_reference:
         return [_reference_candidates(*item, config) for item in checked]
     if not checked:
@@ -52,30 +56,14 @@ def find_candidates_batch(batch: Sequence, config: DecoderConfig = DecoderConfig
     heights = torch.tensor([float(h) for h, _ in sizes], dtype=torch.float64, device=device)
     pairs = stride_pair_scores([item[1] for item in checked], peaks, mapping[:, 0], heights, config)
     xy = peaks.xy * mapping[peaks.images, :2] + mapping[peaks.images, 2:]
-    return _split(xy, peaks, pairs, sizes)
+    return split_by_image(xy, peaks, pairs, sizes)
 
 
 def _reference_candidates(keypoints, limbs, mapping, image_size, config: DecoderConfig) -> Candidates:
     """The authors' find_peaks + find_connections scoring on maps at original resolution (identity mapping)."""
     peaks = reference_peaks(keypoints, config)
     pairs = reference_pair_scores(limbs, peaks.xy, peaks.types, float(image_size[0]), config)
-    return _split(peaks.xy, peaks, pairs, [image_size])[0]
-
-
-def _split(xy: torch.Tensor, peaks, pairs, sizes: list) -> list[Candidates]:
-    """Batch tensors -> one numpy Candidates per image (candidate ids restart at 0 in each image)."""
-    n = len(sizes)
-    arrays = [t.cpu().numpy() for t in (xy, peaks.scores, peaks.types, peaks.images, pairs.limbs, pairs.a,
-                                        pairs.b, pairs.scores, pairs.lengths, pairs.images)]
-    xy, scores, types, images, limbs, a, b, pair_scores, lengths, pair_images = arrays
-    cuts = np.cumsum(np.bincount(images, minlength=n))[:-1]
-    pair_cuts = np.cumsum(np.bincount(pair_images, minlength=n))[:-1]
-    firsts = np.concatenate([[0], cuts])
-    per_image = zip(*(np.split(v, cuts) for v in (xy, scores, types)),
-                    *(np.split(v, pair_cuts) for v in (limbs, a, b, pair_scores, lengths)))
-    return [Candidates(c_xy, c_scores, c_types, c_limbs, c_a - first, c_b - first, c_scores_pairs, c_lengths, size)
-            for (c_xy, c_scores, c_types, c_limbs, c_a, c_b, c_scores_pairs, c_lengths), first, size
-            in zip(per_image, firsts, sizes)]
+    return split_by_image(peaks.xy, peaks, pairs, [image_size])[0]
 
 
 def assemble(candidates: Candidates, config: DecoderConfig = DecoderConfig()) -> Poses:

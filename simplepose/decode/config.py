@@ -43,6 +43,9 @@ class DecoderConfig:
     global_greedy: bool = True  # group by all pairs in score order, attaching both ends (union of persons
     # without shared keypoint types); False: the authors' limb-order walk (reference.py) on our candidates
     person_score: str = "keypoint_sum"  # rank persons by summed keypoint scores / 17 ("reference": 1 - 1/total)
+    attach_fragments: bool = True  # a group no body part can link (an arm without its shoulder) joins the
+    # nearest larger group without a shared keypoint type, within fragment_reach x that group's size
+    fragment_reach: float = 0.3
     keep_singletons: bool = True  # unassigned keypoints become low-score one-keypoint persons
 
     def __post_init__(self) -> None:

@@ -46,7 +46,8 @@ def select_connections(candidates: Candidates) -> tuple[list[np.ndarray], list[i
                     continue
                 used_a.add(a[p])
                 used_b.add(b[p])
-                kept.append((a[p], b[p], s[p], a[p] - starts[kf], b[p] - starts[kt], candidates.pair_lengths[sel][p]))
+                length = candidates.pair_lengths[sel][p]
+                kept.append((a[p], b[p], s[p], a[p] - starts[kf], b[p] - starts[kt], length))
                 if len(kept) >= min(counts[kf], counts[kt]):
                     break
             if kept:

@@ -92,6 +92,30 @@ class Poses:
         return cls(keypoints, np.asarray(scores, dtype=np.float64).reshape(-1), boxes, image_size)
 
 
+def split_by_image(xy, peaks, pairs, sizes: list) -> list[Candidates]:
+    """Tensor-stage outputs of a batch -> one Candidates per image; candidate ids restart at 0 per image.
+
+    xy: (N, 2) image pixels; peaks: `peaks.Peaks` (scores, types, images); pairs: `pairs.Pairs`; both sorted
+    by image; sizes: (H, W) per image. Tensors on any device.
+    """
+    def numpy(*tensors):
+        return [t.cpu().numpy() for t in tensors]
+
+    n = len(sizes)
+    candidate_cuts = np.cumsum(np.bincount(numpy(peaks.images)[0], minlength=n))[:-1]
+    pair_cuts = np.cumsum(np.bincount(numpy(pairs.images)[0], minlength=n))[:-1]
+    per_candidate = [np.split(v, candidate_cuts) for v in numpy(xy, peaks.scores, peaks.types)]
+    per_pair = [np.split(v, pair_cuts) for v in numpy(pairs.limbs, pairs.a, pairs.b, pairs.scores, pairs.lengths)]
+    firsts = np.concatenate([[0], candidate_cuts])
+    out = []
+    for i, size in enumerate(sizes):
+        (c_xy, c_scores, c_types), (limbs, a, b, scores, lengths) = ([v[i] for v in per_candidate],
+                                                                      [v[i] for v in per_pair])
+        out.append(Candidates(c_xy, c_scores, c_types, limbs, a - firsts[i], b - firsts[i], scores, lengths,
+                              tuple(size)))
+    return out
+
+
 def coco_results(poses: Poses, image_id: int, visibility: str = "score") -> list[dict]:
     """COCO keypoint result dicts {image_id, category_id 1, keypoints: 51 floats, score} of one image
     (`simplepose.coco.keypoint_results`, which rounds coordinates to 1e-3 px).
