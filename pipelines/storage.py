@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Iterator, Mapping
 
-import fsspec
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -45,7 +45,13 @@ def filesystem(uri: str, storage_options: Mapping[str, object] | None = None):
     """(fsspec filesystem, path without protocol) for `uri`; fsspec caches instances, so this is cheap."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"filesystem: expected a non-empty URI string, got {uri!r}")
-    return url_to_fs(uri, **dict(storage_options or {}))
+    options = dict(storage_options or {})
+    # fsspec caches instances by their arguments; an S3 instance reads AWS_ENDPOINT_URL only when created.
+    # Passing the current value makes it part of the cache key, so a changed endpoint gets a new instance
+    # instead of one bound to the old endpoint.
+    if uri.startswith(("s3://", "s3a://")) and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    return url_to_fs(uri, **options)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -227,4 +233,5 @@ def remove_tree(uri: str, storage_options: Mapping[str, object] | None = None) -
 
 def open_binary(uri: str, storage_options: Mapping[str, object] | None = None) -> io.BufferedIOBase:
     """An open binary file object for reading `uri` (caller closes it)."""
-    return fsspec.open(uri, "rb", **dict(storage_options or {})).open()
+    fs, path = filesystem(uri, storage_options)
+    return fs.open(path, "rb")

@@ -71,17 +71,22 @@ def coco_mini_on_s3(s3_endpoint, coco_mini, coco_mini_annotations):
     return f"s3://{bucket}/annotations/mini3.json", f"s3://{bucket}/train2017", gt
 
 
+def register_tiny_model(client, tmp_path, name: str) -> str:
+    """An untrained 1-stack IMHN logged by a run and registered as `name` (alias candidate); its version."""
+    run = client.create_run(tracking.ensure_experiment(client, "train", str(tmp_path / "artifacts")))
+    torch.manual_seed(0)
+    path = tmp_path / run.info.run_id / registry.MODEL_FILE
+    path.parent.mkdir()
+    save_checkpoint(IMHN.from_config(IMHNConfig(stacks=1, width=16, increase=0)), path)
+    client.log_artifact(run.info.run_id, str(path), registry.MODEL_ARTIFACT_PATH)
+    return registry.register_checkpoint(client, name, run.info.run_id)
+
+
 def test_evaluate_command_on_s3_with_a_registered_model(tmp_path, coco_mini_on_s3, capsys):
     annotations, images, gt = coco_mini_on_s3
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.client(tracking_uri)
-    experiment = tracking.ensure_experiment(client, "train", str(tmp_path / "artifacts"))
-    run = client.create_run(experiment)
-    torch.manual_seed(0)
-    (tmp_path / "m").mkdir()
-    save_checkpoint(IMHN.from_config(IMHNConfig(stacks=1, width=16, increase=0)), tmp_path / "m" / registry.MODEL_FILE)
-    client.log_artifact(run.info.run_id, str(tmp_path / "m" / registry.MODEL_FILE), registry.MODEL_ARTIFACT_PATH)
-    version = registry.register_checkpoint(client, "tiny", run.info.run_id)
+    version = register_tiny_model(client, tmp_path, "tiny")
 
     results_uri = annotations.replace("annotations/mini3.json", "results/mini3_results.json")
     code = cli_main(["evaluate", "models:/tiny@candidate", annotations, images, "--preset", "head",
@@ -119,13 +124,10 @@ def test_retraining_chain_evaluates_and_promotes(tmp_path, coco_mini_on_s3):
         "tracking.registered_model=chain", f"evaluation={{annotations: '{annotations}', images: '{images}', "
         "set_name: mini3, preset: head, scales: [1.0], flip: false}", "promote=true"])
     client = tracking.client(tracking_uri)
-    run = client.create_run(tracking.ensure_experiment(client, "e", str(tmp_path / "artifacts")))
-    (tmp_path / "m").mkdir()
-    save_checkpoint(IMHN.from_config(IMHNConfig(stacks=1, width=16, increase=0)), tmp_path / "m" / registry.MODEL_FILE)
-    client.log_artifact(run.info.run_id, str(tmp_path / "m" / registry.MODEL_FILE), registry.MODEL_ARTIFACT_PATH)
-    version = registry.register_checkpoint(client, "chain", run.info.run_id)
+    version = register_tiny_model(client, tmp_path, "chain")
+    run_id = client.get_model_version("chain", version).run_id
 
-    outcome = evaluate_and_promote(config, TrainResult(run.info.run_id, version, "", {}), client, tracking_uri)
+    outcome = evaluate_and_promote(config, TrainResult(run_id, version, "", {}), client, tracking_uri)
     assert outcome.evaluation.num_images == 3
     assert outcome.promotion.promoted and outcome.promotion.reason == "no champion yet"
     assert str(client.get_model_version_by_alias("chain", "champion").version) == version

@@ -56,6 +56,8 @@ def find_candidates_batch(batch: Sequence, config: DecoderConfig = DecoderConfig
     heights = torch.tensor([float(h) for h, _ in sizes], dtype=torch.float64, device=device)
     pairs = stride_pair_scores([item[1] for item in checked], peaks, mapping[:, 0], heights, config)
     xy = peaks.xy * mapping[peaks.images, :2] + mapping[peaks.images, 2:]
+    LOG.debug("tensor stage: %d images, %d candidates, %d accepted pairs", len(sizes), len(peaks.types),
+              len(pairs.limbs))
     return split_by_image(xy, peaks, pairs, sizes)
 
 

@@ -93,9 +93,8 @@ def _unravel(cells: torch.Tensor, heights, widths) -> tuple[torch.Tensor, torch.
     return cells // (heights * widths), (cells // widths) % heights, cells % widths
 
 
-def _windows(maps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor, radius: int,
-             fill: float = 0.0) -> torch.Tensor:
-    """(2*radius+1)^2 neighbourhoods of cells: maps (K, H, W), t/r/c (N,) -> (N, 2r+1, 2r+1), `fill` outside.
+def _windows(maps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor, radius: int) -> torch.Tensor:
+    """(2*radius+1)^2 neighbourhoods of cells: maps (K, H, W), t/r/c (N,) -> (N, 2r+1, 2r+1), 0 outside.
     Gathers only the N windows (no padded copy of the maps)."""
     height, width = maps.shape[-2:]
     d = torch.arange(-radius, radius + 1, device=maps.device)
@@ -103,7 +102,7 @@ def _windows(maps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tens
     cols = c[:, None, None] + d[None, None, :]
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
     values = maps[t[:, None, None], rows.clamp(0, height - 1), cols.clamp(0, width - 1)]
-    return torch.where(inside, values, torch.full_like(values, fill))
+    return torch.where(inside, values, torch.zeros_like(values))
 
 
 def reference_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
