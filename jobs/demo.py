@@ -6,21 +6,21 @@ It starts an S3-protocol server on loopback (moto's standalone server), uploads 
 reads the tables back, copies the run into WORKDIR/RUN_ID/tables and renders overlays into
 WORKDIR/RUN_ID/overlays.
 
-Weights: the repository ships none. Without --model the demo saves a tiny randomly initialised IMHN
-(1 stack, width 32) to the bucket and labels with it: the detected poses are meaningless, the run shows
-the pipeline, the tables and the failure handling. With --model (a checkpoint URI or models:/NAME@ALIAS,
-e.g. the authors' converted checkpoint) the poses are that model's.
+Weights: by default the tiny IMHN shipped with the package (`jobs/weights/imhn-tiny-stickfigures.pt`,
+1 stack, width 32), trained by `simplepose train jobs/configs/stickfigures_cpu.yaml` on generated stick
+figures (docs/training.md): it finds the demo's stick figures and is useless on photographs. With --model
+(a checkpoint URI or models:/NAME@ALIAS, e.g. the authors' converted checkpoint) the poses are that model's.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -35,8 +35,8 @@ from pipelines.samples import broken_objects, sample_images
 LOG = logging.getLogger(__name__)
 
 BUCKET = "simplepose-demo"
-TINY_MODEL = {"stacks": 1, "width": 32, "increase": 8}
-"""The random demo network: IMHN(stacks=1, width=32, increase=8), 0.34 M parameters."""
+SHIPPED_WEIGHTS = "imhn-tiny-stickfigures.pt"
+"""Package data in jobs/weights/: the stick-figure IMHN(stacks=1, width=32, increase=8), our checkpoint format."""
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
                      "AWS_EC2_METADATA_DISABLED": "true"}
 QUIET_RAY = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
@@ -47,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local folder for the copied run and the overlays, in RUN_ID/ (default %(default)s)")
     parser.add_argument("--images", type=int, default=8, help="synthetic images to label (default %(default)s)")
     parser.add_argument("--model", default=None,
-                        help="checkpoint URI or models:/NAME@ALIAS to label with (default: tiny random weights)")
+                        help="checkpoint URI or models:/NAME@ALIAS to label with (default: the shipped tiny "
+                             "stick-figure weights)")
     parser.add_argument("--boxsize", type=int, default=256,
                         help="pixels the image height is scaled to (default %(default)s; the job's own is 640)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the images and of the random weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         objects = upload_samples(args.images, args.seed)
         print(f"uploaded {objects} objects to s3://{BUCKET}/images/ "
               f"({args.images} stick-figure JPEGs and {objects - args.images} broken objects)")
-        model_uri = args.model or save_random_model(args.seed)
+        model_uri = args.model or upload_shipped_weights()
         with local_ray():
             summary = label(model_uri, args.boxsize)
         run_uri = summary.output
@@ -79,12 +80,11 @@ def main(args: argparse.Namespace) -> int:
           f"SELECT status, count(*) FROM '{tables_dir / 'images' / '*.parquet'}' GROUP BY status)")
     print(f"{rendered.images} overlays ({rendered.persons} persons drawn) in {overlays_dir}")
     if args.model is None:
-        print(f"\nWEIGHTS: an untrained IMHN({', '.join(f'{k}={v}' for k, v in TINY_MODEL.items())}) with the "
-              f"reference's random initialisation, seed {args.seed}; the repository ships no trained weights. "
-              "Its poses are meaningless (its maps are near zero, so usually no keypoint passes the detection "
-              "threshold and the poses table is empty): this run shows the pipeline, the tables and the handling "
-              "of broken objects. Pass --model with a trained checkpoint (e.g. the authors' converted one) for "
-              "real poses.")
+        metadata = shipped_metadata()
+        print(f"\nWEIGHTS: {metadata['name']} {metadata['version']}, the tiny IMHN shipped with SimplePose "
+              f"(1 stack, width 32), trained by our own `{metadata['command']}` on {metadata['trained_on']}. "
+              f"Good for: {metadata['good_for']}. Pass --model with a checkpoint trained on COCO (e.g. the "
+              "authors' converted one) for poses of real people.")
     else:
         print(f"\nWEIGHTS: {args.model} ({summary.model_name} {summary.model_version}); the images are synthetic "
               "stick figures, not photographs, so even a good COCO model may find few of them.")
@@ -130,20 +130,25 @@ def upload_samples(count: int, seed: int) -> int:
     return len(samples)
 
 
-def save_random_model(seed: int) -> str:
-    """Save a seeded random tiny IMHN to s3://BUCKET/models/ (our checkpoint format); returns its URI."""
-    import torch
+def shipped_weights_path() -> Path:
+    """Local path of the shipped stick-figure checkpoint (package data of `jobs`)."""
+    path = Path(str(resources.files("jobs") / "weights" / SHIPPED_WEIGHTS))
+    if not path.is_file():
+        raise FileNotFoundError(f"the shipped demo weights {path} are missing: reinstall simplepose")
+    return path
 
-    from simplepose.checkpoint import save_checkpoint
-    from simplepose.model import IMHN
 
-    torch.manual_seed(seed)
-    buffer = io.BytesIO()
-    save_checkpoint(IMHN(**TINY_MODEL), buffer, metadata={
-        "name": "tiny-random-imhn", "version": f"seed{seed}",
-        "note": "randomly initialised demo weights: not trained, poses are meaningless"})
-    uri = f"s3://{BUCKET}/models/tiny-random-imhn.pt"
-    storage.write_atomic(uri, buffer.getvalue())
+def shipped_metadata() -> dict:
+    """The provenance stored in the shipped checkpoint (name, version, trained_on, command, good_for...)."""
+    from simplepose.checkpoint import load_checkpoint
+
+    return load_checkpoint(shipped_weights_path())[2]
+
+
+def upload_shipped_weights() -> str:
+    """Copy the shipped checkpoint to s3://BUCKET/models/ (the job reads its model from the store); returns the URI."""
+    uri = f"s3://{BUCKET}/models/{SHIPPED_WEIGHTS}"
+    storage.write_atomic(uri, shipped_weights_path().read_bytes())
     return uri
 
 

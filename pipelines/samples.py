@@ -9,11 +9,13 @@ x/y in pixels with pixel centres at integer coordinates, v = 2), so tests can bu
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import struct
 import zlib
 
 import cv2
+import fsspec
 import numpy as np
 
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
@@ -62,6 +64,63 @@ def sample_images(count: int = 8, seed: int = 0, size: tuple[int, int] = (384, 5
         assert ok, "cv2.imencode failed on a synthetic scene"
         samples.append(SampleImage(f"figures/{index:03d}.jpg", encoded.tobytes(), "ok", keypoints))
     return samples
+
+
+def write_coco_dataset(folder: str, count: int, seed: int = 0, heights: tuple[int, int] = (256, 512),
+                       aspects: tuple[float, float] = (0.75, 1.6), max_persons: int = 3) -> str:
+    """Write a synthetic COCO keypoint set of `count` stick-figure scenes to `folder` (any fsspec URI).
+
+    Layout: FOLDER/images/NNNNNN.jpg and FOLDER/annotations/person_keypoints.json (image ids 1..count,
+    one person annotation per figure: keypoints (x, y, v=2) flattened in COCO order, num_keypoints 17,
+    bbox x, y, w, h pixels around the figure, area = bbox area, iscrowd 0, segmentation = the bbox polygon;
+    the COCO person category with `simplepose.skeleton` names and 1-based skeleton). Each scene has an
+    independently drawn height in `heights` (pixels), width = height x aspect, and 1..max_persons figures.
+    Deterministic from `seed`. Returns the annotation file's URI.
+    """
+    if count < 1 or max_persons < 1:
+        raise ValueError(f"write_coco_dataset: count and max_persons must be >= 1, got {count}, {max_persons}")
+    if heights[0] < 64 or heights[0] > heights[1] or not 0 < aspects[0] <= aspects[1]:
+        raise ValueError(f"write_coco_dataset: need 64 <= heights[0] <= heights[1] and 0 < aspects[0] <= "
+                         f"aspects[1], got heights {heights}, aspects {aspects}")
+    rng = np.random.default_rng(seed)
+    fs, root = fsspec.core.url_to_fs(folder.rstrip("/"))
+    fs.makedirs(f"{root}/images", exist_ok=True)
+    fs.makedirs(f"{root}/annotations", exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        height = int(rng.integers(heights[0], heights[1] + 1))
+        width = int(round(height * rng.uniform(*aspects)))
+        scene, keypoints = draw_scene(rng, height, width, persons=int(rng.integers(1, max_persons + 1)))
+        file_name = f"{image_id:06d}.jpg"
+        fs.pipe_file(f"{root}/images/{file_name}",
+                     cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])[1].tobytes())
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+        for kp in keypoints:
+            box = _figure_box(kp, height, width)
+            x0, y0, w, h = box
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                "keypoints": [round(float(v), 2) for v in kp.reshape(-1)], "num_keypoints": len(kp),
+                "bbox": box, "area": w * h,
+                "segmentation": [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]]})
+    category = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_KEYPOINTS),
+                "skeleton": [[a + 1, b + 1] for a, b in COCO_SKELETON]}
+    uri = f"{folder.rstrip('/')}/annotations/person_keypoints.json"
+    fs.pipe_file(f"{root}/annotations/person_keypoints.json", json.dumps(
+        {"info": {"description": f"SimplePose synthetic stick figures, seed {seed}"},
+         "images": images, "annotations": annotations, "categories": [category]}).encode())
+    LOG.info("wrote %d images and %d persons to %s", count, len(annotations), folder)
+    return uri
+
+
+def _figure_box(keypoints: np.ndarray, height: int, width: int) -> list[float]:
+    """[x, y, w, h] pixels around one drawn figure: its keypoints' extent plus the head above the nose and the
+    stroke width, clipped to the image."""
+    (x0, y0), (x1, y1) = keypoints[:, :2].min(axis=0), keypoints[:, :2].max(axis=0)
+    margin = 0.08 * (y1 - y0)  # the head circle (radius 0.065 body) and half a stroke outside the keypoints
+    x0, y0 = max(0.0, x0 - margin), max(0.0, y0 - margin)
+    x1, y1 = min(width - 1.0, x1 + margin), min(height - 1.0, y1 + margin / 2)
+    return [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)]
 
 
 def broken_objects(seed: int = 0) -> list[SampleImage]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipelines import registry, tracking
-from pipelines.train_config import TrainConfig, config_from_dict
+from pipelines.train_config import OptimizerConfig, TrainConfig, config_from_dict
 from pipelines.train_data import CocoKeypointSamples, make_loader
 from simplepose.checkpoint import load_checkpoint, save_checkpoint
 from simplepose.loss import multitask_loss
@@ -65,6 +65,14 @@ def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"precision: fp16 autocast needs CUDA, the device is {device}; use bf16 or auto")
     return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
+
+
+def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer `opt.name` names over the model's parameters (the LR is set per iteration anyway)."""
+    if opt.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           nesterov=opt.nesterov)
 
 
 def save_state(path: str | os.PathLike, model: IMHN, optimizer, scaler, epoch: int, step: int,
@@ -112,9 +120,7 @@ def train_loop(loop_config: dict) -> None:
         _init_weights(model, config.checkpoint.init_from, loop_config["tracking_uri"])
     if config.precision.sync_bn and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = config.optimizer
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
-                                weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+    optimizer = make_optimizer(model, config.optimizer)
     amp_dtype, use_scaler = precision(config.precision.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, step = 0, 0

@@ -114,7 +114,8 @@ def multitask_loss(predictions: list[list[torch.Tensor]], targets: torch.Tensor,
     """
     stacks, scales = _check_inputs(predictions, targets, mask, config)
     with torch.autocast(targets.device.type, enabled=False):
-        pooled = _pool(targets.float(), mask.float(), scales, config.threshold_mask)
+        pooled = pool_targets(targets.float(), mask.float(), num_scales=scales,
+                              mask_threshold=0.5 if config.threshold_mask else None)
         stack_weights = config.stack_weights or (1.0,) * stacks
         channel_weights = config.channel_weights(targets.shape[1]).to(targets.device)
         per_scale = []
@@ -127,16 +128,6 @@ def multitask_loss(predictions: list[list[torch.Tensor]], targets: torch.Tensor,
             per_scale_t = per_scale_t / targets.shape[0]
         total = (per_scale_t * per_scale_t.new_tensor(config.scale_weights)).sum() / sum(config.scale_weights)
     return total, per_scale_t.detach().tolist()
-
-
-def _pool(targets: torch.Tensor, mask: torch.Tensor, scales: int, threshold_mask: bool
-          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if threshold_mask:
-        return pool_targets(targets, mask, num_scales=scales)
-    # pool_targets zeroes bilinear mask values below 0.5. Bilinear interpolation commutes with an affine map
-    # of the values, so pooling (1 + m) / 2 (always >= 0.5) and mapping back gives the raw bilinear mask.
-    pooled = pool_targets(targets, (1 + mask) / 2, num_scales=scales)
-    return [(target_j, 2 * mask_j - 1) for target_j, mask_j in pooled]
 
 
 def _check_inputs(predictions, targets: torch.Tensor, mask: torch.Tensor, config: LossConfig

@@ -299,14 +299,14 @@ def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5,
+                 mask_threshold: float | None = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Targets and mask at the network's output scales, highest resolution first (SPEC §2.6).
 
     targets: (N, C, H, W) float; mask: (N, 1, H, W) float in [0, 1]; H and W divisible by 2**(num_scales-1).
     Scale k (size H/2**k): targets by adaptive average pooling (exact block means), the mask by bilinear
-    interpolation (align_corners=False, no antialiasing) with values < 0.5 set to 0 (the rest kept as is).
-    Returns a list of num_scales (targets_k, mask_k) pairs.
+    interpolation (align_corners=False, no antialiasing) with values < mask_threshold set to 0 (the rest kept
+    as is; None keeps the raw bilinear mask, as the authors' `MultiTaskLossParallel` does). Returns a list of num_scales (targets_k, mask_k) pairs.
     """
     if not isinstance(targets, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise TypeError(f"pool_targets: targets and mask must be tensors, got {type(targets).__name__}, "
@@ -324,5 +324,7 @@ def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5
     for k in range(num_scales):
         size = (height >> k, width >> k)
         mask_k = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-        scales.append((F.adaptive_avg_pool2d(targets, size), mask_k.masked_fill(mask_k < 0.5, 0.0)))
+        if mask_threshold is not None:
+            mask_k = mask_k.masked_fill(mask_k < mask_threshold, 0.0)
+        scales.append((F.adaptive_avg_pool2d(targets, size), mask_k))
     return scales

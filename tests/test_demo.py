@@ -54,7 +54,7 @@ def test_png_header_declares_the_size():
     assert (header.format, header.size) == ("PNG", (300, 200))
 
 
-def test_demo_parts_upload_and_a_loadable_random_model():
+def test_demo_parts_upload_samples_and_the_shipped_weights():
     before = os.environ.get("AWS_ENDPOINT_URL")
     with demo.loopback_s3() as endpoint:
         assert os.environ["AWS_ENDPOINT_URL"] == endpoint
@@ -66,12 +66,54 @@ def test_demo_parts_upload_and_a_loadable_random_model():
         assert {o["Key"]: o["Size"] for o in listed}["images/broken/empty.jpg"] == 0
         from pipelines.label_stages import load_model
 
-        uri = demo.save_random_model(seed=0)
-        assert s3.head_object(Bucket=demo.BUCKET, Key=uri.split("/", 3)[3])["ContentLength"] > 0
+        uri = demo.upload_shipped_weights()
+        size = s3.head_object(Bucket=demo.BUCKET, Key=uri.split("/", 3)[3])["ContentLength"]
+        assert size == demo.shipped_weights_path().stat().st_size < 2 << 20
         model = load_model(uri)
         assert (model.config.stacks, model.config.width, model.config.increase) == (1, 32, 8)
         assert not model.training
     assert os.environ.get("AWS_ENDPOINT_URL") == before
+    metadata = demo.shipped_metadata()
+    assert "not for real photos" in metadata["good_for"] and "stickfigures_cpu.yaml" in metadata["command"]
+
+
+def label_in_process(samples, model_uri: str, boxsize: int = 256) -> list[np.ndarray]:
+    """The labeling job's stages on `samples` without Ray; returns each image's keypoints (P, 17, 3)."""
+    from pipelines.label import LabelJobConfig
+    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage
+
+    config = LabelJobConfig(input="x", output="y", model=model_uri, boxsize=boxsize)
+    n = len(samples)
+    names = np.array([s.name for s in samples], dtype=object)
+    batch = {"input_index": np.arange(n), "image_id": names, "uri": names, "status": np.full(n, "ok", dtype=object),
+             "error": np.full(n, "", dtype=object), "size_bytes": np.array([len(s.data) for s in samples]),
+             "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
+             "data": np.array([s.data for s in samples], dtype=object)}
+    batch = DecodeStage(config.infer_config(), config.max_pixels)(batch)
+    batch = NetworkStage(model_uri, config.infer_config(), config.decoder_config())(batch)
+    batch = AssembleStage(config.decoder_config())(batch)
+    assert batch["status"].tolist() == ["ok"] * n, batch["error"]
+    return [np.frombuffer(b, np.float32).reshape(-1, len(COCO_KEYPOINTS), 3) for b in batch["pose_keypoints"]]
+
+
+def test_shipped_weights_find_held_out_stick_figures():
+    # Seed 123 was never used for training (the training set is write_coco_dataset's seed 1) nor by the demo.
+    samples = sample_images(4, seed=123)
+    found = label_in_process(samples, str(demo.shipped_weights_path()))
+    errors, matched = [], 0
+    for sample, poses in zip(samples, found):
+        assert len(poses) >= 1, f"{sample.name}: no person found"
+        for truth in sample.keypoints:
+            present = poses[..., 2] > 0
+            distance = np.hypot(poses[..., 0] - truth[:, 0], poses[..., 1] - truth[:, 1])  # (P, 17) pixels
+            mean = np.where(present, distance, 0).sum(1) / np.maximum(present.sum(1), 1)
+            best = int(np.argmin(np.where(present.sum(1) >= 5, mean, np.inf)))
+            if present[best].sum() >= 5 and mean[best] < 0.1 * np.ptp(truth[:, 1]):
+                matched += 1
+                errors.extend(distance[best][present[best]])
+    persons = sum(len(s.keypoints) for s in samples)
+    assert matched >= 0.75 * persons, f"only {matched} of {persons} drawn persons found"
+    assert np.median(errors) < 8.0, f"median keypoint error {np.median(errors):.1f} px"
 
 
 def test_show_tables_prints_statuses_failures_and_best_poses(tmp_path, capsys):
@@ -107,7 +149,7 @@ def test_demo_end_to_end(tmp_path):
     out = result.stdout
     for status, count in (("ok", images), ("empty", 1), ("decode_error", 2), ("too_large", 1)):
         assert f"{status:>15}: {count:3d}" in out
-    assert "WEIGHTS: an untrained IMHN(stacks=1, width=32, increase=8)" in out
+    assert "WEIGHTS: imhn-tiny-stickfigures" in out and "not for real photos" in out
     assert "broken/truncated.jpg: decode_error: JPEG data is corrupt or truncated" in out
 
     (run_dir,) = list(tmp_path.iterdir())  # WORKDIR/RUN_ID
@@ -117,7 +159,9 @@ def test_demo_end_to_end(tmp_path):
     statuses = dict(zip(table["image_id"].to_pylist(), table["status"].to_pylist()))
     expected = {s.name: s.expected_status for s in sample_images(images) + broken_objects()}
     assert statuses == expected
-    assert pq.read_table(run_dir / "tables" / "poses").schema.names[:3] == ["run_id", "image_id", "uri"]
+    poses = pq.read_table(run_dir / "tables" / "poses")
+    assert poses.schema.names[:3] == ["run_id", "image_id", "uri"]
+    assert poses.num_rows >= images  # the shipped weights find the figures (at least one per image)
     overlays = sorted((run_dir / "overlays").iterdir())
     assert len(overlays) == images and all(p.stat().st_size > 0 for p in overlays)
 

@@ -250,7 +250,8 @@ def test_benchmark_runs_on_coco_mini(coco_mini, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--annotations", str(coco_mini / "annotations" / "person_keypoints_train2017.json"),
-                              "--images", str(coco_mini / "train2017"), "--size", "128", "--seconds", "0.2"])
+                              "--images", str(coco_mini / "train2017"), "--size", "128", "--seconds", "0.2",
+                              "--default-malloc"])  # leave the test process's allocator alone
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "samples/s per core" in out and "65 samples from 25 images" in out

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train import learning_rate, load_state, precision, save_state
+from pipelines.train import learning_rate, load_state, make_optimizer, precision, save_state
 from pipelines.train_config import TrainConfig, config_from_dict, load_train_config
 from simplepose.model import IMHN, IMHNConfig
 
@@ -23,7 +23,7 @@ def test_defaults_are_the_paper_recipe():
     assert load_train_config(str(CONFIGS / "paper.yaml")).stages == config.stages
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "coco_mini_cpu.yaml", "retrain.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "coco_mini_cpu.yaml", "retrain.yaml", "stickfigures_cpu.yaml"])
 def test_shipped_configs_load(name):
     config = load_train_config(str(CONFIGS / name))
     assert config.total_epochs >= 1
@@ -59,6 +59,20 @@ def test_learning_rate_schedule():
     assert learning_rate(config, 14, 0, iters, world) == pytest.approx(4e-4)
     assert learning_rate(config, 15, 0, iters, world) == pytest.approx(4e-4 * 0.2)  # x0.2 every 15 epochs
     assert learning_rate(config, 31, 5, iters, world) == pytest.approx(4e-4 * 0.04)
+
+
+def test_optimizer_choice():
+    model = IMHN(stacks=1, width=32, increase=8)
+    assert TrainConfig().optimizer.name == "sgd"  # the authors' recipe stays the default
+    sgd = make_optimizer(model, TrainConfig().optimizer)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    adam_config = load_train_config(None, ["optimizer.name=adam", "optimizer.lr=2e-3", "optimizer.weight_decay=0"])
+    adam = make_optimizer(model, adam_config.optimizer)
+    assert type(adam) is torch.optim.Adam and (adam.defaults["lr"], adam.defaults["weight_decay"]) == (2e-3, 0.0)
+    assert sum(p.numel() for g in adam.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="optimizer.name must be sgd or adam, got 'rmsprop'"):
+        load_train_config(None, ["optimizer.name=rmsprop"])
 
 
 def test_precision_choice():

@@ -6,12 +6,18 @@ warp image and masks, move the keypoints, render the 50 target maps, convert the
 (`simplepose.coco.build_sample`). Each worker is one process with OpenCV and torch limited to one thread, so
 samples per CPU-second is the per-core rate; wall-clock rates are printed too (they drop when the machine is
 shared). The reference makes about 40 samples/s per process (DESIGN.md).
+
+Each worker raises glibc's mmap threshold first (`tune_malloc`). Without it, in a process that imported torch
+before OpenCV (as training workers do), the multi-MB arrays of every sample (crop, float image, 50 target maps)
+came from fresh mmaps: about 1600 page faults per sample and half the rate, measured. Data-loader workers
+should do the same; --default-malloc measures without it.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import cv2
 import numpy as np
 
 from jobs.bench.machine import describe_machine
+from pipelines.train_data import tune_malloc
 from simplepose.augment import AugmentConfig, SourceImage
 from simplepose.coco import build_sample, image_masks, load_coco, training_samples
 from simplepose.targets import STYLES, TargetConfig
@@ -41,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--style", choices=STYLES, default="reference", help="target style (TargetConfig)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default mmap threshold (see tune_malloc)")
 
 
 def _prepare(args: argparse.Namespace):
@@ -59,10 +68,12 @@ def _prepare(args: argparse.Namespace):
     return samples, sources
 
 
-def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[int, float, float]:
-    """Build samples for args.seconds; returns (samples built, CPU seconds, wall seconds)."""
+def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[int, float, float, int]:
+    """Build samples for args.seconds; returns (samples built, CPU seconds, wall seconds, page faults)."""
     import torch
 
+    if not args.default_malloc:
+        tune_malloc()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     rng = np.random.default_rng([args.seed, worker])
@@ -72,11 +83,13 @@ def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[in
     for index in order[:10]:  # warm-up: first-call costs of numpy and OpenCV
         build_sample(sources[samples[index].image_id], samples[index], rng, augment_config, target_config)
     count, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while time.perf_counter() - wall0 < args.seconds:
         sample = samples[order[count % len(order)]]
         build_sample(sources[sample.image_id], sample, rng, augment_config, target_config)
         count += 1
-    return count, time.process_time() - cpu0, time.perf_counter() - wall0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    return count, time.process_time() - cpu0, time.perf_counter() - wall0, faults
 
 
 def main(args: argparse.Namespace) -> int:
@@ -91,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
           f"done once up front in {time.perf_counter() - start:.2f} s (not timed, as the reference's HDF5)")
     print(f"timed per sample: augmentation draw, tint, warp of image + 2 masks, keypoints, "
           f"{args.style} targets (50, {args.size // 4}, {args.size // 4}), image to float; "
-          f"{args.workers} worker(s) x {args.seconds:g} s, 1 thread each")
+          f"{args.workers} worker(s) x {args.seconds:g} s, 1 thread each, glibc mmap threshold "
+          f"{'default' if args.default_malloc else 'raised to 64 MiB'}")
     load_before = os.getloadavg()[0]
     jobs = [(args, samples, sources, worker) for worker in range(args.workers)]
     if args.workers == 1:
@@ -101,9 +115,10 @@ def main(args: argparse.Namespace) -> int:
             results = pool.starmap(_worker, jobs)
     print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
           f"{os.cpu_count()} logical cores (other processes inflate CPU time through shared caches)")
-    for worker, (count, cpu, wall) in enumerate(results):
+    for worker, (count, cpu, wall, faults) in enumerate(results):
         print(f"worker {worker}: {count} samples, {cpu:.2f} CPU s, {wall:.2f} wall s: "
-              f"{count / cpu:.1f} samples per CPU-second, {count / wall:.1f} samples/s wall")
+              f"{count / cpu:.1f} samples per CPU-second, {count / wall:.1f} samples/s wall, "
+              f"{faults / count:.0f} page faults per sample")
     total = sum(r[0] for r in results)
     per_core = total / sum(r[1] for r in results)
     wall = max(r[2] for r in results)
