@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxsize", type=int, default=256,
                         help="pixels the image height is scaled to (default %(default)s; the job's own is 640)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    parser.add_argument("--min-score", type=float, default=0.2,
+                        help="overlays draw persons scoring at least this (the tables keep every person; "
+                             "default %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,10 +78,11 @@ def main(args: argparse.Namespace) -> int:
         tables_dir, overlays_dir = workdir / summary.run_id / "tables", workdir / summary.run_id / "overlays"
         fs, run_path = storage.filesystem(run_uri)
         fs.get(f"{run_path}/", f"{tables_dir}/", recursive=True)  # trailing slashes: copy the contents
-        rendered = render_run(run_uri, str(overlays_dir), limit=None)
+        rendered = render_run(run_uri, str(overlays_dir), limit=None, min_score=args.min_score)
     print(f"\nrun copied to {tables_dir} (query it with DuckDB: "
           f"SELECT status, count(*) FROM '{tables_dir / 'images' / '*.parquet'}' GROUP BY status)")
-    print(f"{rendered.images} overlays ({rendered.persons} persons drawn) in {overlays_dir}")
+    print(f"{rendered.images} overlays ({rendered.persons} persons scoring >= {args.min_score} drawn) in "
+          f"{overlays_dir}")
     if args.model is None:
         metadata = shipped_metadata()
         print(f"\nWEIGHTS: {metadata['name']} {metadata['version']}, the tiny IMHN shipped with SimplePose "

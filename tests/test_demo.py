@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs import demo
-from pipelines.samples import broken_objects, draw_scene, png_header, sample_images
+from pipelines.samples import broken_objects, draw_scene, png_header, sample_images, write_coco_dataset
 from simplepose.skeleton import COCO_KEYPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,35 @@ def test_sample_keypoints_lie_on_the_drawn_figures():
         # Facing the viewer: the person's left side is on the image's right; the head is above the feet.
         assert (kp[:, index["left_hip"], 0] > kp[:, index["right_hip"], 0]).all()
         assert (kp[:, index["nose"], 1] < kp[:, index["left_hip"], 1]).all()
+
+
+def test_synthetic_coco_dataset_is_deterministic_and_trainable(tmp_path):
+    import json
+
+    from simplepose.coco import training_samples
+    from simplepose.skeleton import COCO_SKELETON
+
+    uri = write_coco_dataset(str(tmp_path / "a"), 3, seed=5, heights=(128, 192))
+    assert uri == f"{tmp_path / 'a'}/annotations/person_keypoints.json"
+    write_coco_dataset(str(tmp_path / "b"), 3, seed=5, heights=(128, 192))
+    data = json.loads(Path(uri).read_text())
+    assert data == json.loads((tmp_path / "b" / "annotations" / "person_keypoints.json").read_text())
+    assert [i["file_name"] for i in data["images"]] == ["000001.jpg", "000002.jpg", "000003.jpg"]
+    assert data["categories"][0]["keypoints"] == list(COCO_KEYPOINTS)
+    assert data["categories"][0]["skeleton"] == [[a + 1, b + 1] for a, b in COCO_SKELETON]
+    for image in data["images"]:
+        pixels = np.asarray(Image.open(tmp_path / "a" / "images" / image["file_name"]))
+        assert pixels.shape == (image["height"], image["width"], 3) and 128 <= image["height"] <= 192
+    for ann in data["annotations"]:
+        kp = np.array(ann["keypoints"]).reshape(17, 3)
+        x, y, w, h = ann["bbox"]
+        assert ann["num_keypoints"] == 17 and (kp[:, 2] == 2).all() and ann["iscrowd"] == 0
+        assert (kp[:, 0] >= x).all() and (kp[:, 0] <= x + w).all()
+        assert (kp[:, 1] >= y).all() and (kp[:, 1] <= y + h).all()
+        assert ann["area"] == pytest.approx(w * h)
+    assert len(training_samples(uri)) >= len(data["images"])  # every scene has a trainable main person
+    with pytest.raises(ValueError, match="count"):
+        write_coco_dataset(str(tmp_path / "c"), 0)
 
 
 def test_a_scene_without_persons():
