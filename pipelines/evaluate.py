@@ -12,15 +12,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import cv2
 import fsspec
 import numpy as np
 import torch
 
 from pipelines import registry, tracking
+from pipelines.images import decode_image
 from simplepose.checkpoint import load_model
 from simplepose.coco import evaluate_keypoints
-from simplepose.decode import DecoderConfig, coco_results, decode
+from simplepose.decode import DecoderConfig, assemble, coco_results, find_candidates_batch
 from simplepose.infer import PRESETS, InferConfig, predict_heatmaps, prepare_model
 
 LOG = logging.getLogger(__name__)
@@ -71,17 +71,17 @@ def load_annotations(uri: str) -> dict:
 
 
 def _read_images(fs, paths: list[str]) -> list[np.ndarray | None]:
-    """Fetch and decode a batch of objects concurrently; None for an unreadable or undecodable one."""
+    """Fetch a batch of objects concurrently and decode them as the labeling job does
+    (`pipelines.images.decode_image`); None for an unreadable or undecodable one."""
     blobs = fs.cat(paths, on_error="return")
     images = []
     for path in paths:
         blob = blobs.get(path)
-        image = None
-        if isinstance(blob, bytes) and blob:
-            image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            LOG.warning("evaluation image %s could not be read or decoded: scored as no detection", path)
-        images.append(image)
+        decoded = decode_image(blob) if isinstance(blob, bytes) else None
+        if decoded is None or decoded.image is None:
+            reason = decoded.error if decoded is not None else f"read failed: {blob!r}"
+            LOG.warning("evaluation image %s scored as no detection: %s", path, reason)
+        images.append(None if decoded is None else decoded.image)
     return images
 
 
@@ -98,8 +98,9 @@ def predict_coco(model: torch.nn.Module, gt: dict, images_uri: str, infer_config
         images = _read_images(fs, [f"{root.rstrip('/')}/{by_id[i]['file_name']}" for i in ids])
         readable = [(i, image) for i, image in zip(ids, images) if image is not None]
         heatmaps = predict_heatmaps(model, [image for _, image in readable], infer_config, dtype=dtype)
-        for (image_id, _), maps in zip(readable, heatmaps):
-            results += coco_results(decode(maps, decoder_config), image_id)
+        candidates = find_candidates_batch(heatmaps, decoder_config)  # one set of tensor ops per batch
+        for (image_id, _), image_candidates in zip(readable, candidates):
+            results += coco_results(assemble(image_candidates, decoder_config), image_id)
         LOG.debug("evaluated %d/%d images", min(start + batch_size, len(image_ids)), len(image_ids))
     return results
 

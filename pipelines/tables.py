@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.images import STATUSES as image_statuses
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 LOG = logging.getLogger(__name__)
@@ -20,10 +21,8 @@ LOG = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 METADATA_KEY = b"simplepose"
 
-STATUSES = ("ok", "empty", "read_error", "decode_error", "too_large", "inference_error")
-"""Values of `images.status`: ok (decoded and labelled, possibly with 0 persons), empty (zero-byte object),
-read_error (the object could not be read after retries), decode_error (not a readable image), too_large
-(more pixels than `max_pixels`), inference_error (the network or the decoder failed on this image)."""
+STATUSES = tuple(image_statuses)
+"""Values of `images.status`, with their meanings in `pipelines.images.STATUSES` (the one source)."""
 
 IMAGES_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
