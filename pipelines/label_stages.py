@@ -133,12 +133,12 @@ class NetworkStage:
         n = len(batch["uri"])
         status, error = np.array(batch["status"], dtype=object), np.array(batch["error"], dtype=object)
         candidates = np.full(n, b"", dtype=object)
-        todo = np.flatnonzero(status == OK)
-        prepared = [pickle.loads(batch["inputs"][i]) for i in todo]
+        decoded_rows = np.flatnonzero(status == OK)
+        prepared = [pickle.loads(batch["inputs"][i]) for i in decoded_rows]
         try:
             results = self._candidates(prepared)
         except Exception as failure:  # find the culprit(s): retry one by one so good images survive
-            LOG.warning("batch of %d failed in the network stage (%s); retrying one by one", len(todo),
+            LOG.warning("batch of %d failed in the network stage (%s); retrying one by one", len(decoded_rows),
                         _describe(failure))
             results = []
             for item in prepared:
@@ -146,7 +146,7 @@ class NetworkStage:
                     results.extend(self._candidates([item]))
                 except Exception as single:
                     results.append(single)
-        for i, result in zip(todo, results):
+        for i, result in zip(decoded_rows, results):
             if isinstance(result, BaseException):
                 status[i], error[i] = "inference_error", _describe(result)
             else:

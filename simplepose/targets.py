@@ -306,7 +306,8 @@ def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5,
     targets: (N, C, H, W) float; mask: (N, 1, H, W) float in [0, 1]; H and W divisible by 2**(num_scales-1).
     Scale k (size H/2**k): targets by adaptive average pooling (exact block means), the mask by bilinear
     interpolation (align_corners=False, no antialiasing) with values < mask_threshold set to 0 (the rest kept
-    as is; None keeps the raw bilinear mask, as the authors' `MultiTaskLossParallel` does). Returns a list of num_scales (targets_k, mask_k) pairs.
+    as is; None keeps the raw bilinear mask, as the authors' `MultiTaskLossParallel` does).
+    Returns a list of num_scales (targets_k, mask_k) pairs.
     """
     if not isinstance(targets, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise TypeError(f"pool_targets: targets and mask must be tensors, got {type(targets).__name__}, "
