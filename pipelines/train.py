@@ -25,7 +25,7 @@ from pipelines.train_config import OptimizerConfig, TrainConfig, config_from_dic
 from pipelines.train_data import CocoKeypointSamples, make_loader
 from simplepose.checkpoint import load_checkpoint, save_checkpoint
 from simplepose.loss import multitask_loss
-from simplepose.model import IMHN
+from simplepose.model import IMHN, network_input
 
 LOG = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def train_loop(loop_config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, masks, targets = (t.to(device, non_blocking=True) for t in (images, masks, targets))
+            images = network_input(images)  # uint8 crops become float here, on the device
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 predictions = ddp_model(images)
             loss, per_scale = multitask_loss(predictions, targets, masks, stage.loss)

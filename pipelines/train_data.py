@@ -28,8 +28,9 @@ LOG = logging.getLogger(__name__)
 
 
 class CocoKeypointSamples(Dataset):
-    """Item i = (image float32 (3,S,S) BGR/255, mask float32 (1,S/4,S/4), targets float32 (50,S/4,S/4)) of
-    training sample i, augmented for `epoch` at crop size S = augment_config.crop_size."""
+    """Item i = (image uint8 (S,S,3) BGR, mask float32 (1,S/4,S/4), targets float32 (50,S/4,S/4)) of training
+    sample i, augmented for `epoch` at crop size S = augment_config.crop_size. The training loop makes the
+    images float on its device (`simplepose.model.network_input`)."""
 
     def __init__(self, annotations: str, images: str, augment_config: AugmentConfig = AugmentConfig(),
                  target_config: TargetConfig = TargetConfig(), seed: int = 0, max_samples: int | None = None):

@@ -139,8 +139,9 @@ def build_sample(source: SourceImage, sample: TrainingSample, rng: np.random.Gen
 
     source: the sample's image and masks (`SourceImage.from_arrays(image, *image_masks(coco, id))`).
     params: fixed augmentation (e.g. `AugmentParams()` for validation); drawn from `rng` when None.
-    Returns image float32 (3, S, S) BGR / 255, mask float32 (1, S/stride, S/stride) (mask_miss: 0 = not
-    supervised) and targets float32 (50, S/stride, S/stride), S = augment_config.crop_size.
+    Returns image uint8 (S, S, 3) BGR (`simplepose.model.network_input` makes it the network's float input),
+    mask float32 (1, S/stride, S/stride) (mask_miss: 0 = not supervised) and targets float32
+    (50, S/stride, S/stride), S = augment_config.crop_size.
     """
     if source.pixels.shape[:2] != (sample.height, sample.width):
         raise ValueError(f"build_sample: image {sample.image_id} is {sample.height}x{sample.width} in the "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simplepose.model import network_input
 from simplepose.skeleton import FLIP_CHANNEL_ORDER, KEYPOINT_CHANNELS, LIMB_CHANNELS, NUM_CHANNELS
 
 LOG = logging.getLogger(__name__)
@@ -229,10 +230,7 @@ def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: I
     with torch.inference_mode(), _autocast(device, dtype):
         for batch in _batches(shapes, batch_size):
             stacked = np.stack([inputs[i].image for i in batch])
-            # Ship uint8 (4x less than float) and convert on the device.
-            x = torch.from_numpy(stacked).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = network_input(torch.from_numpy(stacked).to(device, non_blocking=True), channels_last)
             if config.flip:
                 x = torch.cat([x, x.flip(-1)])
             out = model(x)[-1][0].float()

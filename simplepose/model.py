@@ -40,6 +40,17 @@ _SE_REDUCTION = 16
 _DILATIONS = (3, 3, 4, 4, 5, 5)
 
 
+def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 BGR images (N, H, W, 3) -> the network's input float32 (N, 3, H, W) = BGR / 255 (no mean or std,
+    SPEC §3.1). Call it where the model runs: uint8 crosses to the accelerator in a quarter of the bytes.
+    channels_last: return that memory format (the NHWC source already is, so it costs no copy)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"network_input: images must be uint8 (N, H, W, 3) BGR, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 @dataclasses.dataclass(frozen=True)
 class IMHNConfig:
     """Size of an IMHN. The defaults are the authors' released model (SPEC §4).

@@ -7,9 +7,11 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from simplepose.augment import (AugmentConfig, AugmentParams, SourceImage, affine_matrix, sample_params, tint,
                                 transform_keypoints, visible_rows, warp)
+from simplepose.model import network_input
 from simplepose.skeleton import KEYPOINT_FLIP, LEFT_KEYPOINTS, RIGHT_KEYPOINTS
 
 
@@ -100,11 +102,10 @@ def test_warp_borders_and_masks():
     source = make_source()
     identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
     out = warp(source, identity, config, stride=4)
-    assert out.image.shape == (3, 64, 64) and out.mask_miss.shape == out.mask_all.shape == (16, 16)
-    assert out.image.dtype == out.mask_miss.dtype == out.mask_all.dtype == np.float32
-    bgr = out.image.transpose(1, 2, 0) * 255  # BGR / 255, channels first
-    np.testing.assert_allclose(bgr[:59, :63], np.broadcast_to([0, 0, 200], (59, 63, 3)), atol=1e-4)
-    np.testing.assert_allclose(bgr[61:], np.broadcast_to([124, 127, 127], (3, 64, 3)), atol=1e-4)  # border
+    assert out.image.shape == (64, 64, 3) and out.mask_miss.shape == out.mask_all.shape == (16, 16)
+    assert out.image.dtype == np.uint8 and out.mask_miss.dtype == out.mask_all.dtype == np.float32
+    np.testing.assert_array_equal(out.image[:59, :63], np.broadcast_to([0, 0, 200], (59, 63, 3)))
+    np.testing.assert_array_equal(out.image[61:], np.broadcast_to([124, 127, 127], (3, 64, 3)))  # border
     assert (out.mask_miss[:15, :10] == 0).all() and (out.mask_miss[:, 10:] == 1).all()
     assert (out.mask_miss[15] == 1).all()  # rows 60-63 are outside the image: supervised
     assert (out.mask_all[:7] == 0).all() and (out.mask_all[8:14] == 1).all()
@@ -147,32 +148,41 @@ def test_warp_and_config_reject_bad_values():
         affine_matrix((0.0, 0.0), 0.0, AugmentParams())
 
 
-def test_network_input_is_bgr_over_255():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_network_input_is_bgr_over_255(channels_last):
     image = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     out = warp(SourceImage.from_arrays(image), np.array([[1.0, 0, 0], [0, 1.0, 0]]), AugmentConfig(crop_size=8))
-    np.testing.assert_array_equal(out.image, image.transpose(2, 0, 1).astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(out.image, image)  # the identity warp keeps the pixels
+    x = network_input(torch.from_numpy(out.image[None]), channels_last)
+    assert x.shape == (1, 3, 8, 8) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    np.testing.assert_array_equal(x[0].numpy(), image.transpose(2, 0, 1).astype(np.float32) / np.float32(255))
+    with pytest.raises(ValueError, match="uint8 \\(N, H, W, 3\\)"):
+        network_input(x)
 
 
-def random_matrices(count, height, width, seed=0):
+def random_matrices(count, height, width, seed=0, crop_size=128):
     rng = np.random.default_rng(seed)
-    config = AugmentConfig(crop_size=128)
+    config = AugmentConfig(crop_size=crop_size)
     centre = (width / 2, height / 2)
     return [affine_matrix(centre, rng.uniform(0.1, 0.6), sample_params(config, rng), config) for _ in range(count)]
 
 
-def test_mask_miss_band_matches_a_full_warp():
+def test_mask_miss_tiles_match_a_full_warp():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
     mask_miss = np.full((150, 200), 255, np.uint8)
     mask_miss[60:90, 20:70] = 0
+    mask_miss[5, 190] = mask_miss[140:, :3] = 128  # far apart, so that tiles between them are skipped
     source = SourceImage.from_arrays(image, mask_miss)
-    assert source.ignored_box == (20, 60, 69, 89)
-    config = AugmentConfig(crop_size=128)
-    for matrix in random_matrices(20, 150, 200):
-        full = cv2.warpAffine(mask_miss, matrix, (128, 128), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=255)
-        expected = cv2.resize(full, (32, 32), interpolation=cv2.INTER_AREA) / np.float32(255)
-        np.testing.assert_allclose(warp(source, matrix, config).mask_miss, expected, atol=1.01 / 255)
+    assert source.ignored_blocks[-1, -1] == 5 * 7 + 1 + 2  # 8-pixel blocks holding an ignored pixel
+    for crop_size in (128, 256, 200):
+        config = AugmentConfig(crop_size=crop_size)
+        for matrix in random_matrices(20, 150, 200, crop_size=crop_size):
+            full = cv2.warpAffine(mask_miss, matrix, (crop_size, crop_size), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+            expected = cv2.resize(full, (crop_size // 4,) * 2, interpolation=cv2.INTER_AREA) / np.float32(255)
+            np.testing.assert_allclose(warp(source, matrix, config).mask_miss, expected, atol=1.01 / 255)
 
 
 def test_tinting_the_visible_rows_only_changes_nothing():
