@@ -23,6 +23,7 @@ from simplepose.skeleton import KEYPOINT_FLIP, NUM_KEYPOINTS
 LOG = logging.getLogger(__name__)
 
 IGNORED_BLOCK = 8  # source pixels per side of the blocks that `SourceImage.ignored_blocks` counts
+TINT_COLUMNS = 64  # `SourceImage.tinted` converts whole runs of this many columns (OpenCV's widest SIMD rows)
 MASK_TILE = 64  # crop pixels per side of the tiles `_warp_mask_miss` warps or skips (a multiple of the stride)
 
 
@@ -73,14 +74,18 @@ def sample_params(config: AugmentConfig, rng: np.random.Generator) -> AugmentPar
     """Draw one augmentation with the reference's distributions (SPEC §3.1) from `rng`."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"sample_params: rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    flip = bool(rng.random() < config.flip_prob)
+    # One vector of uniforms: each scalar draw from a Generator costs about a microsecond of call overhead.
+    flip_u, tint_u, rotation_u, scale_u, scale_value_u, shift_x_u, shift_y_u = rng.random(7).tolist()
+    flip = flip_u < config.flip_prob
     tint = None
-    if rng.random() < config.tint_prob:
-        tint = tuple(int(rng.integers(low, high, endpoint=True))
-                     for low, high in (config.hue_range, config.saturation_range, config.value_range))
-    rotation = float(rng.uniform(-config.max_rotate_degree, config.max_rotate_degree))
-    scale = float(rng.uniform(*config.scale_range)) if rng.random() < config.scale_prob else 1.0
-    shift = tuple(int(rng.uniform(-1.0, 1.0) * config.center_perturb_max) for _ in range(2))  # int() truncates
+    if tint_u < config.tint_prob:
+        ranges = np.array([config.hue_range, config.saturation_range, config.value_range])
+        tint = tuple(rng.integers(ranges[:, 0], ranges[:, 1], endpoint=True).tolist())
+    rotation = (2.0 * rotation_u - 1.0) * config.max_rotate_degree
+    low, high = config.scale_range
+    scale = low + (high - low) * scale_value_u if scale_u < config.scale_prob else 1.0
+    shift = (int((2.0 * shift_x_u - 1.0) * config.center_perturb_max),  # int() truncates toward 0
+             int((2.0 * shift_y_u - 1.0) * config.center_perturb_max))
     return AugmentParams(flip=flip, rotation=rotation, scale=scale, shift=shift, tint=tint)
 
 
@@ -126,8 +131,13 @@ def tint(image: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"tint: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    hsv = cv2.add(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), (*map(float, shifts), 0.0))
-    return cv2.cvtColor(cv2.min(hsv, (179.0, 255.0, 255.0, 255.0)), cv2.COLOR_HSV2BGR)
+    return cv2.cvtColor(_shift_hsv(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), shifts), cv2.COLOR_HSV2BGR)
+
+
+def _shift_hsv(hsv: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:
+    """`tint`'s shift of an 8-bit HSV image (H, W, 3), in place."""
+    cv2.add(hsv, (*map(float, shifts), 0.0), dst=hsv)
+    return cv2.min(hsv, (179.0, 255.0, 255.0, 255.0), dst=hsv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,33 +185,38 @@ class SourceImage:
         """The BGR image (H, W, 3) uint8 (a copy)."""
         return cv2.cvtColor(self.pixels, cv2.COLOR_BGRA2BGR)
 
-    def tinted(self, shifts: tuple[int, int, int], rows: tuple[int, int] | None = None) -> SourceImage:
-        """The same source with its colours shifted (`tint`) in the rows y0..y1 (inclusive; default: all),
-        masks unchanged. Tinting only the rows a warp reads (`visible_rows`) gives that warp exactly the fully
-        tinted image's result. (Whole rows: OpenCV's HSV-to-BGR rounds differently by 1 with the column offset.)
+    def tinted(self, shifts: tuple[int, int, int], box: tuple[int, int, int, int] | None = None
+               ) -> SourceImage:
+        """The same source with its colours shifted (`tint`) inside box = (x0, y0, x1, y1), inclusive pixel
+        bounds clipped to the image (default: all of it); masks unchanged.
+
+        Tinting only what a warp reads (`visible_box`) gives that warp the fully tinted image's result. The
+        box's columns are widened to whole runs of TINT_COLUMNS pixels: OpenCV's colour conversions round the
+        scalar tail of a row by 1 level differently from its vectorised part, and aligned runs have no tail.
         """
-        y0, y1 = (0, self.pixels.shape[0] - 1) if rows is None else (max(rows[0], 0), rows[1])
+        height, width = self.pixels.shape[:2]
+        x0, y0, x1, y1 = (0, 0, width - 1, height - 1) if box is None else box
+        x0 = max(x0, 0) // TINT_COLUMNS * TINT_COLUMNS
+        x1 = min(x0 + -(-(x1 - x0 + 1) // TINT_COLUMNS) * TINT_COLUMNS - 1, width - 1)
+        y0, y1 = max(y0, 0), min(y1, height - 1)
         pixels = self.pixels.copy()
-        band = pixels[y0:y1 + 1]
-        if y1 >= y0 and band.size:  # (y1 < y0 would slice from the end)
-            colours = cv2.cvtColor(tint(cv2.cvtColor(band, cv2.COLOR_BGRA2BGR), shifts), cv2.COLOR_BGR2BGRA)
-            colours[..., 3] = band[..., 3]
-            band[...] = colours
+        if x1 >= x0 and y1 >= y0:
+            region = pixels[y0:y1 + 1, x0:x1 + 1]
+            hsv = _shift_hsv(cv2.cvtColor(region, cv2.COLOR_BGR2HSV), shifts)  # reads B, G, R of B, G, R, A
+            colours = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dstCn=4)
+            colours[..., 3] = region[..., 3]
+            region[...] = colours
         return dataclasses.replace(self, pixels=pixels)
 
 
-def visible_rows(matrix: np.ndarray, crop_size: int, height: int) -> tuple[int, int]:
-    """Inclusive source rows (y0, y1) that a bilinear warp to the crop can read from an image of `height`
-    rows; empty (y1 < y0) when the crop lies above or below the image."""
-    low, high = _y_range(cv2.invertAffineTransform(matrix), (0, 0, crop_size - 1, crop_size - 1))
-    return max(math.floor(low) - 1, 0), min(math.ceil(high) + 1, height - 1)
-
-
-def _y_range(matrix: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, float]:
-    """Lowest and highest y of the box (x0, y0, x1, y1) mapped by the (2, 3) affine (its corners bound it)."""
-    x0, y0, x1, y1 = box
-    y = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], float) @ matrix[1]
-    return float(y.min()), float(y.max())
+def visible_box(matrix: np.ndarray, crop_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Inclusive source pixel bounds (x0, y0, x1, y1) that a bilinear warp by `matrix` to a crop_size crop can
+    read from an image of height x width pixels; empty (x1 < x0 or y1 < y0) when the crop misses the image."""
+    corners = cv2.invertAffineTransform(matrix) @ np.array(
+        [[0, 0, 1], [crop_size - 1, 0, 1], [0, crop_size - 1, 1], [crop_size - 1, crop_size - 1, 1]], float).T
+    (x_low, y_low), (x_high, y_high) = corners.min(axis=1), corners.max(axis=1)
+    return (max(math.floor(x_low) - 1, 0), max(math.floor(y_low) - 1, 0),
+            min(math.ceil(x_high) + 1, width - 1), min(math.ceil(y_high) + 1, height - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,22 +232,28 @@ class Warped:
 
 
 def warp(source: SourceImage, matrix: np.ndarray, config: AugmentConfig = AugmentConfig(),
-         stride: int = 4) -> Warped:
+         stride: int = 4, image_out: np.ndarray | None = None) -> Warped:
     """Warp image and masks with `matrix` (INTER_LINEAR, constant borders: the BGR border colour, 255 for
     mask_miss so out-of-image areas are supervised, 0 for mask_all), then resize the masks to the target grid
-    with INTER_AREA and scale them to [0, 1] (SPEC §2.5, §3.1). The crop size must be a multiple of stride."""
+    with INTER_AREA and scale them to [0, 1] (SPEC §2.5, §3.1). The crop size must be a multiple of stride.
+    image_out: optional uint8 (S, S, 3) C-contiguous array to write the image into (e.g. a row of a batch)."""
     size = config.crop_size
     if size % stride:
         raise ValueError(f"warp: crop size {size} is not a multiple of the stride {stride}")
     if matrix.shape != (2, 3):
         raise ValueError(f"warp: matrix must be (2, 3), got {matrix.shape}")
+    if image_out is not None and (image_out.shape != (size, size, 3) or image_out.dtype != np.uint8
+                                  or not image_out.flags.c_contiguous):
+        raise ValueError(f"warp: image_out must be C-contiguous uint8 {(size, size, 3)}, got {image_out.dtype} "
+                         f"{image_out.shape}")
     grid = (size // stride, size // stride)
     crop = cv2.warpAffine(source.pixels, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(*config.border_value, 0))
     mask_all = _to_grid(cv2.extractChannel(crop, 3), grid)
     mask_miss = np.ones(grid, np.float32) if source.mask_miss is None else _warp_mask_miss(source, matrix, size,
                                                                                           stride)
-    return Warped(image=cv2.cvtColor(crop, cv2.COLOR_BGRA2BGR), mask_miss=mask_miss, mask_all=mask_all)
+    image = cv2.cvtColor(crop, cv2.COLOR_BGRA2BGR, dst=image_out)
+    return Warped(image=image, mask_miss=mask_miss, mask_all=mask_all)
 
 
 def _warp_mask_miss(source: SourceImage, matrix: np.ndarray, size: int, stride: int) -> np.ndarray:

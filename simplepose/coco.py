@@ -21,9 +21,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from simplepose.augment import (AugmentConfig, AugmentParams, SourceImage, affine_matrix, sample_params,
-                                transform_keypoints, visible_rows, warp)
+                                transform_keypoints, visible_box, warp)
 from simplepose.skeleton import coco_to_reference
-from simplepose.targets import TargetConfig, person_masks, render_heatmaps
+from simplepose.targets import TargetConfig, person_masks, render_heatmaps_batch
 
 LOG = logging.getLogger(__name__)
 
@@ -141,23 +141,48 @@ def build_sample(source: SourceImage, sample: TrainingSample, rng: np.random.Gen
     params: fixed augmentation (e.g. `AugmentParams()` for validation); drawn from `rng` when None.
     Returns image uint8 (S, S, 3) BGR (`simplepose.model.network_input` makes it the network's float input),
     mask float32 (1, S/stride, S/stride) (mask_miss: 0 = not supervised) and targets float32
-    (50, S/stride, S/stride), S = augment_config.crop_size.
+    (50, S/stride, S/stride), S = augment_config.crop_size. `build_samples` makes a batch faster.
     """
-    if source.pixels.shape[:2] != (sample.height, sample.width):
-        raise ValueError(f"build_sample: image {sample.image_id} is {sample.height}x{sample.width} in the "
-                         f"annotations but the source is {source.pixels.shape[0]}x{source.pixels.shape[1]}")
-    if params is None:
-        if rng is None:
-            raise ValueError("build_sample: pass either rng or params")
-        params = sample_params(augment_config, rng)
-    matrix = affine_matrix(sample.center, sample.person_height / augment_config.crop_size, params,
-                           augment_config)
-    if params.tint is not None:  # only where the warp reads: the same result, less work on zoomed-in crops
-        source = source.tinted(params.tint, visible_rows(matrix, augment_config.crop_size, sample.height))
-    warped = warp(source, matrix, augment_config, target_config.stride)
-    keypoints = transform_keypoints(sample.keypoints, matrix, params.flip)
-    targets = render_heatmaps(keypoints, warped.mask_all.shape, target_config, person_mask=warped.mask_all)
-    return warped.image, warped.mask_miss[None], targets
+    if params is None and rng is None:
+        raise ValueError("build_sample: pass either rng or params")
+    images, masks, targets = build_samples([(source, sample)], None if rng is None else [rng], augment_config,
+                                           target_config, None if params is None else [params])
+    return images[0], masks[0], targets[0]
+
+
+def build_samples(items: Sequence[tuple[SourceImage, TrainingSample]],
+                  rngs: Sequence[np.random.Generator] | None = None, augment_config: AugmentConfig = AugmentConfig(),
+                  target_config: TargetConfig = TargetConfig(), params: Sequence[AugmentParams] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of `build_sample`s: images uint8 (B, S, S, 3), masks float32 (B, 1, g, g), targets float32
+    (B, 50, g, g), g = S / stride. Item n draws its augmentation from rngs[n], or uses params[n].
+
+    Images are warped one by one; the targets of the whole batch are rendered in one vectorised pass
+    (`render_heatmaps_batch`), which is where batching saves time.
+    """
+    count = len(items)
+    draws = params if params is not None else rngs
+    if draws is None or len(draws) != count:
+        raise ValueError(f"build_samples: pass one rng or one params per item ({count}), got "
+                         f"{'neither' if draws is None else len(draws)}")
+    size, stride = augment_config.crop_size, target_config.stride
+    grid = size // stride
+    images = np.empty((count, size, size, 3), np.uint8)
+    masks = np.empty((count, 1, grid, grid), np.float32)
+    person_masks = np.empty((count, grid, grid), np.float32)
+    keypoints = []
+    for n, (source, sample) in enumerate(items):
+        if source.pixels.shape[:2] != (sample.height, sample.width):
+            raise ValueError(f"build_samples: image {sample.image_id} is {sample.height}x{sample.width} in the "
+                             f"annotations but the source is {source.pixels.shape[0]}x{source.pixels.shape[1]}")
+        draw = params[n] if params is not None else sample_params(augment_config, rngs[n])
+        matrix = affine_matrix(sample.center, sample.person_height / size, draw, augment_config)
+        if draw.tint is not None:  # only where the warp reads: the same result, less work on zoomed-in crops
+            source = source.tinted(draw.tint, visible_box(matrix, size, sample.height, sample.width))
+        warped = warp(source, matrix, augment_config, stride, image_out=images[n])
+        masks[n, 0], person_masks[n] = warped.mask_miss, warped.mask_all
+        keypoints.append(transform_keypoints(sample.keypoints, matrix, draw.flip))
+    return images, masks, render_heatmaps_batch(keypoints, (grid, grid), target_config, person_masks)
 
 
 def keypoint_results(image_id: int, keypoints: np.ndarray, scores: np.ndarray) -> list[dict]:

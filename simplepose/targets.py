@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from simplepose.skeleton import (KEYPOINT_CHANNELS, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL, NUM_CHANNELS,
-                                 NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
+from simplepose.skeleton import (KEYPOINT_CHANNELS, KEYPOINT_START, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL,
+                                 NUM_CHANNELS, NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
 
 LOG = logging.getLogger(__name__)
 
@@ -107,24 +107,43 @@ def render_heatmaps(keypoints: np.ndarray, grid_shape: tuple[int, int], config: 
         channel 48 becomes its 3x3 erosion (0 when None).
     Returns float32 (50, h, w) in [0, 1]: 0-29 body parts, 30-47 keypoints, 48 person mask, 49 max of 30-47.
     """
-    kp = np.asarray(keypoints, dtype=np.float64)
-    if kp.ndim != 3 or kp.shape[1:] != (NUM_KEYPOINTS, 3):
-        raise ValueError(f"render_heatmaps: keypoints must be (P, {NUM_KEYPOINTS}, 3), got shape {kp.shape}")
-    if not np.isfinite(kp).all():
-        raise ValueError("render_heatmaps: keypoints contain NaN or inf")
+    masks = None if person_mask is None else np.asarray(person_mask)[None]
+    return render_heatmaps_batch([keypoints], grid_shape, config, masks)[0]
+
+
+def render_heatmaps_batch(keypoints: Sequence[np.ndarray], grid_shape: tuple[int, int],
+                          config: TargetConfig = TargetConfig(), person_masks: np.ndarray | None = None
+                          ) -> np.ndarray:
+    """`render_heatmaps` of B images in one vectorised pass, float32 (B, 50, h, w).
+
+    keypoints: B arrays (P_i, 18, 3) as in `render_heatmaps`; person_masks: None or (B, h, w) float in [0, 1].
+    A single image's targets cost mostly numpy's per-call overhead, which a batch shares (training data
+    loaders build whole batches: `simplepose.coco.build_samples`).
+    """
     if len(grid_shape) != 2 or min(grid_shape) < 1:
         raise ValueError(f"render_heatmaps: grid_shape must be (h, w) >= 1, got {grid_shape!r}")
     h, w = (int(s) for s in grid_shape)
-    out = np.zeros((NUM_CHANNELS, h, w), np.float32)
-    _render_keypoints(out[KEYPOINT_CHANNELS], kp, config)
-    _render_limbs(out[LIMB_CHANNELS], kp, config)
-    if person_mask is not None:
-        mask = np.asarray(person_mask, dtype=np.float32)
-        if mask.shape != (h, w):
-            raise ValueError(f"render_heatmaps: person_mask must be {(h, w)}, got shape {mask.shape}")
+    arrays = [np.asarray(kp, dtype=np.float64) for kp in keypoints]
+    for n, kp in enumerate(arrays):
+        if kp.ndim != 3 or kp.shape[1:] != (NUM_KEYPOINTS, 3):
+            raise ValueError(f"render_heatmaps: keypoints must be (P, {NUM_KEYPOINTS}, 3) per image, got shape "
+                             f"{kp.shape} for image {n}")
+    kp = np.concatenate(arrays) if arrays else np.zeros((0, NUM_KEYPOINTS, 3))
+    if not np.isfinite(kp).all():
+        raise ValueError("render_heatmaps: keypoints contain NaN or inf")
+    out = np.zeros((len(arrays), NUM_CHANNELS, h, w), np.float32)
+    # Each person's first map in `out` viewed flat as (B * 50) maps: its image's channel 0.
+    image_of_person = np.repeat(np.arange(len(arrays)) * NUM_CHANNELS, [len(a) for a in arrays])
+    _render_keypoints(out, image_of_person, kp, config)
+    _render_limbs(out, image_of_person, kp, config)
+    if person_masks is not None:
+        masks = np.asarray(person_masks, dtype=np.float32)
+        if masks.shape != (len(arrays), h, w):
+            raise ValueError(f"render_heatmaps: person_mask must be {(h, w)} per image, got shape "
+                             f"{masks.shape[1:]} for {len(masks)} of {len(arrays)} images")
         # Only a caller's mask can leave [0, 1] (the Gaussians and the floor never do): clip it first.
-        out[PERSON_MASK_CHANNEL] = cv2.erode(np.minimum(np.maximum(mask, 0.0), 1.0), _ERODE_KERNEL)
-    np.max(out[KEYPOINT_CHANNELS], axis=0, out=out[MAX_KEYPOINT_CHANNEL])
+        for target, mask in zip(out, np.minimum(np.maximum(masks, 0.0), 1.0)):
+            target[PERSON_MASK_CHANNEL] = cv2.erode(mask, _ERODE_KERNEL)
     return out
 
 
@@ -145,39 +164,43 @@ def _cells_in_boxes(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int]):
     return box, rows, cols, origin
 
 
-def _render_keypoints(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
-    """Max-combine the keypoint Gaussians of every person into `channels` (18, h, w) float32, in place."""
-    _, h, w = channels.shape
+def _render_keypoints(out: np.ndarray, first_map: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
+    """Max-combine the keypoint Gaussians of every person into `out` (B, 50, h, w) float32, in place.
+    first_map: (P,) index of each person's image's channel 0 in `out` viewed as (B * 50) maps."""
+    h, w = out.shape[2:]
     person, k = np.nonzero(kp[..., 2] < 2)
-    x, y = kp[person, k, 0], kp[person, k, 1]
+    xy = kp[person, k, :2]  # (N, 2) pixels
     s, half = config.stride, config.keypoint_window
-    span = np.arange(-half, half + 1)
-    cols = np.rint(x / s).astype(np.int64)[:, None] + span  # (N, window) around round(x / stride)
-    rows = np.rint(y / s).astype(np.int64)[:, None] + span
-    scale = -0.5 / config.keypoint_sigma ** 2
-    gx = np.exp((cols * s + (s / 2 - 0.5) - x[:, None]) ** 2 * scale).astype(np.float32)  # separable
-    gy = np.exp((rows * s + (s / 2 - 0.5) - y[:, None]) ** 2 * scale).astype(np.float32)
+    # Window cells around round(xy / stride) on both axes at once: (N, 2 = col | row, window)
+    cells = np.rint(xy / s).astype(np.int64)[:, :, None] + np.arange(-half, half + 1)
+    offsets = np.subtract(cells * s + (s / 2 - 0.5), xy[:, :, None])
+    gauss = np.exp(np.square(offsets, out=offsets) * (-0.5 / config.keypoint_sigma ** 2)).astype(np.float32)
     # Window cells outside the grid get weight 0 and are clipped onto it: a max with 0 changes nothing.
-    gx[(cols < 0) | (cols >= w)] = 0.0
-    gy[(rows < 0) | (rows >= h)] = 0.0
-    g = gy[:, :, None] * gx[:, None, :]  # (N, window, window)
+    last = np.array([w - 1, h - 1])[:, None]
+    gauss[(cells < 0) | (cells > last)] = 0.0
+    cells = np.minimum(np.maximum(cells, 0), last)  # np.clip is slower on small arrays
+    g = gauss[:, 1, :, None] * gauss[:, 0, None, :]  # separable: (N, window rows, window cols)
     if config.style == "paper":
         g[g < config.keypoint_threshold] = 0.0
-    rows, cols = np.minimum(np.maximum(rows, 0), h - 1), np.minimum(np.maximum(cols, 0), w - 1)  # np.clip is slow
-    flat = ((k[:, None] * h + rows) * w)[:, :, None] + cols[:, None, :]
-    np.maximum.at(channels.reshape(-1), flat.ravel(), g.ravel())
+    rows = (cells[:, 1] * w)[:, :, None] + cells[:, 0, None, :]  # (N, window, window) cells of one map
+    maps = first_map[person] * (h * w)
+    # Each keypoint's channel, and channel 49 (the max over them): fewer bytes than a max over 18 maps.
+    for channel in (KEYPOINT_START + k, np.full_like(k, MAX_KEYPOINT_CHANNEL)):
+        np.maximum.at(out.reshape(-1), (rows + (maps + channel * (h * w))[:, None, None]).ravel(), g.ravel())
 
 
-def _render_limbs(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
-    """Body-part maps of every person into `channels` (30, h, w) float32, in place (mean or max combine)."""
-    _, h, w = channels.shape
+def _render_limbs(out: np.ndarray, first_map: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
+    """Body-part maps of every person into `out` (B, 50, h, w) float32, in place (mean or max combine).
+    first_map: (P,) index of each person's image's channel 0 in `out` viewed as (B * 50) maps."""
+    h, w = out.shape[2:]
     used = kp[..., 2] < 2
     person, limb = np.nonzero(used[:, _LIMB_FROM] & used[:, _LIMB_TO])
     a = kp[person, _LIMB_FROM[limb], :2]
     b = kp[person, _LIMB_TO[limb], :2]
     length = np.hypot(*(b - a).T)
     keep = length > 0  # the reference skips zero-length limbs (a division by zero otherwise)
-    a, b, limb, length = a[keep], b[keep], limb[keep], length[keep]
+    a, b, length = a[keep], b[keep], length[keep]
+    channel = first_map[person[keep]] + LIMB_CHANNELS.start + limb[keep]  # in `out` viewed as (B * 50) maps
     s, off = config.stride, config.stride / 2 - 0.5
     c_lo, c_hi = _limb_boxes(a, b, length, config)
     box, rows, cols, origin = _cells_in_boxes(c_lo, c_hi, (h, w))
@@ -192,25 +215,47 @@ def _render_limbs(channels: np.ndarray, kp: np.ndarray, config: TargetConfig) ->
     t_squared = np.square(t, out=t)
     g = np.negative(t_squared)
     np.exp(g, out=g)
-    flat = ((limb * h + origin[:, 1]) * w + origin[:, 0]).astype(np.int32)[box]
+    index_type = np.int32 if out.size < 2 ** 31 else np.int64  # int32: half the memory traffic
+    flat = ((channel * h + origin[:, 1]) * w + origin[:, 0]).astype(index_type)[box]
     flat += rows * w
     flat += cols
-    out = channels.reshape(-1)
+    out = out.reshape(-1)
     if config.style == "reference":
         g[g <= config.limb_threshold] = config.limb_floor
         # Mean over persons: sum in place, then divide the few cells that several boxes share.
         np.add.at(out, flat, g)
-        if len(np.unique(limb)) < len(limb):  # only boxes of the same body part can share cells
-            count = np.zeros(out.size, np.uint16)
-            np.add.at(count, flat, np.ones(flat.size, np.uint16))  # an array, not a scalar: numpy's fast path
-            shared = flat[count[flat] > 1]  # repeated indices all write the same mean
-            out[shared] = out[shared] / count[shared]
+        overlapping = _overlapping_boxes(channel, c_lo, c_hi)
+        if overlapping.any():  # only boxes on the same map can share cells
+            cells, count = np.unique(flat[overlapping[box]], return_counts=True)
+            shared, count = cells[count > 1], count[count > 1]
+            out[shared] /= count
     else:  # inside the ellipse: (along / semi-major)^2 + (distance / semi-minor)^2 <= 1
         axis = (b - a) / (length * length / 2)[:, None]
         along = _linear_in_cells(axis, (a + b) / 2, *cells)
         t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
         g[(along * along + t_squared / t_edge ** 2 > 1.0) | (g < config.limb_threshold)] = 0.0
         np.maximum.at(out, flat, g)
+
+
+def _overlapping_boxes(channel: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """bool (N,): boxes lo..hi ((N, 2) inclusive cells) that share a cell with another box on the same map.
+
+    Only pairs within a channel are compared (a batch has hundreds of boxes but a map only a few).
+    """
+    order = np.argsort(channel, kind="stable")
+    sorted_channel = channel[order]
+    starts = np.flatnonzero(np.r_[True, sorted_channel[1:] != sorted_channel[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    group = np.repeat(np.arange(len(starts)), sizes)  # of each sorted box
+    partners = sizes[group]
+    first = np.repeat(np.arange(len(order)), partners)  # pairs (first, second) of sorted boxes in one group
+    second = np.repeat(starts[group], partners) + np.arange(partners.sum()) - np.repeat(
+        np.cumsum(partners) - partners, partners)
+    a, b = order[first], order[second]
+    shared = (a != b) & (lo[a] <= hi[b]).all(axis=1) & (lo[b] <= hi[a]).all(axis=1)
+    out = np.zeros(len(channel), bool)
+    out[a[shared]] = True
+    return out
 
 
 def _limb_boxes(a: np.ndarray, b: np.ndarray, length: np.ndarray, config: TargetConfig

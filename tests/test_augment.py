@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from simplepose.augment import (AugmentConfig, AugmentParams, SourceImage, affine_matrix, sample_params, tint,
-                                transform_keypoints, visible_rows, warp)
+                                transform_keypoints, visible_box, warp)
 from simplepose.model import network_input
 from simplepose.skeleton import KEYPOINT_FLIP, LEFT_KEYPOINTS, RIGHT_KEYPOINTS
 
@@ -185,17 +185,21 @@ def test_mask_miss_tiles_match_a_full_warp():
             np.testing.assert_allclose(warp(source, matrix, config).mask_miss, expected, atol=1.01 / 255)
 
 
-def test_tinting_the_visible_rows_only_changes_nothing():
+@pytest.mark.parametrize("width", [250, 641])
+def test_tinting_the_visible_box_only_gives_the_same_crop(width):
     rng = np.random.default_rng(2)
-    source = SourceImage.from_arrays(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    source = SourceImage.from_arrays(rng.integers(0, 256, (300, width, 3), dtype=np.uint8))
     config = AugmentConfig(crop_size=128)
-    for matrix in random_matrices(10, 300, 200, seed=3):
-        rows = visible_rows(matrix, 128, 300)
-        partial = warp(source.tinted((7, 40, -15), rows), matrix, config).image
+    areas = []
+    for matrix in random_matrices(30, 300, width, seed=3):
+        x0, y0, x1, y1 = box = visible_box(matrix, 128, 300, width)
+        areas.append((x1 - x0 + 1) * (y1 - y0 + 1) / (300 * width))
+        partial = warp(source.tinted((7, 40, -15), box), matrix, config).image
         np.testing.assert_array_equal(partial, warp(source.tinted((7, 40, -15)), matrix, config).image)
-    assert visible_rows(np.array([[1.0, 0, 0], [0, 1.0, 1000.0]]), 128, 300)[1] < 0  # crop below the image
+    assert min(areas) < 0.5  # the box spares most of the image on zoomed-in crops
+    assert visible_box(np.array([[1.0, 0, 0], [0, 1.0, 1000.0]]), 128, 300, width)[3] < 0  # below the image
 
 
-def test_tinting_an_empty_band_changes_nothing():
+def test_tinting_an_empty_box_changes_nothing():
     source = make_source()
-    np.testing.assert_array_equal(source.tinted((5, 5, 5), rows=(0, -5)).pixels, source.pixels)
+    np.testing.assert_array_equal(source.tinted((5, 5, 5), box=(0, 0, 10, -5)).pixels, source.pixels)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from simplepose.augment import AugmentConfig, AugmentParams, SourceImage, affine_matrix, transform_keypoints
-from simplepose.coco import (STAT_NAMES, build_sample, evaluate_keypoints, image_masks, keypoint_results,
-                             load_coco, training_samples, write_results)
+from simplepose.coco import (STAT_NAMES, build_sample, build_samples, evaluate_keypoints, image_masks,
+                             keypoint_results, load_coco, training_samples, write_results)
 from simplepose.skeleton import FLIP_CHANNEL_ORDER, KEYPOINT_START, coco_to_reference
 from simplepose.targets import TargetConfig, render_heatmaps
 
@@ -141,6 +141,23 @@ def test_build_sample_flip_mirrors_everything(sample_and_source, style):
         assert np.abs(flipped[2][KEYPOINT_START:48] - mirrored[KEYPOINT_START:48]).max() < 0.02  # window edges
     assert np.abs(flipped[0].astype(int) - plain[0][:, ::-1]).max() <= 2  # bilinear fixed-point rounding
     assert np.abs(flipped[1] - plain[1][:, :, ::-1]).max() <= 2 / 255
+
+
+def test_a_batch_equals_its_samples_one_by_one(coco, coco_mini):
+    samples = training_samples(coco)[:5]
+    sources = [SourceImage.from_arrays(cv2.imread(str(coco_mini / "train2017" / s.file_name)),
+                                       *image_masks(coco, s.image_id)) for s in samples]
+    config = AugmentConfig(crop_size=256)
+    images, masks, targets = build_samples(list(zip(sources, samples)),
+                                           [np.random.default_rng(n) for n in range(5)], config)
+    assert images.shape == (5, 256, 256, 3) and masks.shape == (5, 1, 64, 64) and targets.shape == (5, 50, 64, 64)
+    for n, (source, sample) in enumerate(zip(sources, samples)):
+        image, mask, target = build_sample(source, sample, np.random.default_rng(n), config)
+        np.testing.assert_array_equal(images[n], image)
+        np.testing.assert_array_equal(masks[n], mask)
+        np.testing.assert_allclose(targets[n], target, atol=1e-7)  # float sums in another order
+    with pytest.raises(ValueError, match="one rng or one params per item"):
+        build_samples(list(zip(sources, samples)), [np.random.default_rng(0)])
 
 
 def test_build_sample_rejects_a_mismatched_image(sample_and_source):

@@ -10,7 +10,8 @@ import torch
 
 from simplepose.skeleton import (KEYPOINT_CHANNELS, KEYPOINT_START, LIMBS, MAX_KEYPOINT_CHANNEL, NECK,
                                  PERSON_MASK_CHANNEL, coco_to_reference)
-from simplepose.targets import TargetConfig, cell_centres, person_masks, pool_targets, render_heatmaps
+from simplepose.targets import (TargetConfig, cell_centres, person_masks, pool_targets, render_heatmaps,
+                                render_heatmaps_batch)
 
 NOSE = 0
 GRID = (128, 128)
@@ -83,6 +84,34 @@ def test_g4_overlapping_persons_are_averaged():
     limb = render_heatmaps(persons, GRID)[0]
     expected = [0.9382, 0.9773, 0.3989, 0.1954, 0.4493, 0.7701, 0.9838, 0.9368, 0.6649, 0.3517, 0.1387]
     np.testing.assert_allclose(limb[55, 24:35], expected, atol=1e-4)
+
+
+def test_many_persons_combine_as_the_mean_and_max_of_each_alone():
+    rng = np.random.default_rng(5)
+    persons = np.concatenate([rng.uniform(-40, 560, (9, 18, 2)), rng.integers(0, 3, (9, 18, 1))], axis=2)
+    persons[:4, :, :2] = persons[0, :, :2] + rng.normal(0, 25, (4, 18, 2))  # four near one another: shared cells
+    together = render_heatmaps(persons, GRID)
+    alone = np.stack([render_heatmaps(persons[i:i + 1], GRID) for i in range(len(persons))])
+    limbs = alone[:, :30]
+    covered = (limbs > 0).sum(axis=0)  # in a box, a body part is >= the floor 0.01
+    assert (covered > 1).sum() > 100
+    np.testing.assert_allclose(together[:30], limbs.sum(axis=0) / np.maximum(covered, 1), atol=1e-6)
+    np.testing.assert_array_equal(together[KEYPOINT_CHANNELS], alone[:, KEYPOINT_CHANNELS].max(axis=0))
+
+
+@pytest.mark.parametrize("style", ["reference", "paper"])
+def test_a_batch_renders_each_image_as_alone(style):
+    rng = np.random.default_rng(6)
+    config = TargetConfig(style=style)
+    images = [np.concatenate([rng.uniform(-40, 560, (p, 18, 2)), rng.integers(0, 3, (p, 18, 1))], axis=2)
+              for p in (3, 0, 1, 6)]
+    images[3][:, :, :2] = images[3][0, :, :2] + rng.normal(0, 25, (6, 18, 2))  # crowded: shared cells
+    masks = rng.uniform(0, 1, (4, *GRID))
+    batch = render_heatmaps_batch(images, GRID, config, masks)
+    assert batch.shape == (4, 50, *GRID) and not batch[1, :48].any()
+    for n, keypoints in enumerate(images):
+        np.testing.assert_allclose(batch[n], render_heatmaps(keypoints, GRID, config, masks[n]), atol=1e-7)
+    assert render_heatmaps_batch([], GRID).shape == (0, 50, *GRID)
 
 
 def test_paper_style_limb_is_an_ellipse_along_the_segment():

@@ -1,11 +1,13 @@
 """`simplepose bench targets`: training samples per second per core (augmentation + ground truth).
 
 As in the reference's HDF5 pipeline (SPEC §3.3), images are decoded and their person masks computed once,
-before timing. The timed loop is what a data-loader worker does per sample: draw the augmentation, tint,
-warp image and masks, move the keypoints, render the 50 target maps, convert the image to float
-(`simplepose.coco.build_sample`). Each worker is one process with OpenCV and torch limited to one thread, so
-samples per CPU-second is the per-core rate; wall-clock rates are printed too (they drop when the machine is
-shared). The reference makes about 40 samples/s per process (DESIGN.md).
+before timing. The timed loop is what a data-loader worker does per batch (`simplepose.coco.build_samples`):
+per sample, draw the augmentation, tint, warp image and masks, move the keypoints; then render the 50 target
+maps of the whole batch in one pass. Images stay uint8: the training loop makes them float on its device
+(`simplepose.model.network_input`). --batch 1 measures sample by sample. Each worker is one process with
+OpenCV and torch limited to one thread, so samples per CPU-second is the per-core rate; wall-clock rates are
+printed too (they drop when the machine is shared). The reference makes about 40 samples/s per process
+(DESIGN.md).
 
 Each worker raises glibc's mmap threshold first (`tune_malloc`). Without it, in a process that imported torch
 before OpenCV (as training workers do), the multi-MB arrays of every sample (crop, float image, 50 target maps)
@@ -27,7 +29,7 @@ import numpy as np
 from jobs.bench.machine import describe_machine
 from pipelines.train_data import tune_malloc
 from simplepose.augment import AugmentConfig, SourceImage
-from simplepose.coco import build_sample, image_masks, load_coco, training_samples
+from simplepose.coco import build_samples, image_masks, load_coco, training_samples
 from simplepose.targets import STYLES, TargetConfig
 
 REFERENCE_SAMPLES_PER_S = 40.0
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="COCO person-keypoint json (default: coco-mini under $SIMPLEPOSE_SHARED)")
     parser.add_argument("--images", default=str(data / "train2017"), help="folder of the json's images")
     parser.add_argument("--size", type=int, default=512, help="crop size in pixels (targets at size / 4)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="samples per build_samples call, as a loader worker builds a training batch (default 8, "
+                             "the paper's per-GPU batch)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per worker")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--style", choices=STYLES, default="reference", help="target style (TargetConfig)")
@@ -80,14 +85,18 @@ def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[in
     augment_config = AugmentConfig(crop_size=args.size)
     target_config = TargetConfig(style=args.style)
     order = rng.permutation(len(samples))
-    for index in order[:10]:  # warm-up: first-call costs of numpy and OpenCV
-        build_sample(sources[samples[index].image_id], samples[index], rng, augment_config, target_config)
+
+    def build_batch(start: int) -> None:
+        batch = [samples[order[(start + n) % len(order)]] for n in range(args.batch)]
+        build_samples([(sources[s.image_id], s) for s in batch], [rng] * args.batch, augment_config,
+                      target_config)
+
+    build_batch(0)  # warm-up: first-call costs of numpy and OpenCV
     count, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while time.perf_counter() - wall0 < args.seconds:
-        sample = samples[order[count % len(order)]]
-        build_sample(sources[sample.image_id], sample, rng, augment_config, target_config)
-        count += 1
+        build_batch(count)
+        count += args.batch
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return count, time.process_time() - cpu0, time.perf_counter() - wall0, faults
 
@@ -95,15 +104,15 @@ def _worker(args: argparse.Namespace, samples, sources, worker: int) -> tuple[in
 def main(args: argparse.Namespace) -> int:
     if args.size % 64 or args.size <= 0:
         raise SystemExit(f"--size must be a positive multiple of 64, got {args.size}")
-    if args.workers < 1:
-        raise SystemExit("--workers must be >= 1")
+    if args.workers < 1 or args.batch < 1:
+        raise SystemExit("--workers and --batch must be >= 1")
     print(f"machine: {describe_machine()}")
     start = time.perf_counter()
     samples, sources = _prepare(args)
     print(f"data: {len(samples)} samples from {len(sources)} images of {args.annotations}; decoding and masks "
           f"done once up front in {time.perf_counter() - start:.2f} s (not timed, as the reference's HDF5)")
     print(f"timed per sample: augmentation draw, tint, warp of image + 2 masks, keypoints, "
-          f"{args.style} targets (50, {args.size // 4}, {args.size // 4}), image to float; "
+          f"{args.style} targets (50, {args.size // 4}, {args.size // 4}) rendered per batch of {args.batch}; "
           f"{args.workers} worker(s) x {args.seconds:g} s, 1 thread each, glibc mmap threshold "
           f"{'default' if args.default_malloc else 'raised to 64 MiB'}")
     load_before = os.getloadavg()[0]
