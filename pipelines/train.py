@@ -125,8 +125,11 @@ def train_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, step = 0, 0
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start_epoch, step = load_state(Path(folder) / STATE_FILE, model, optimizer, scaler)
+        # Each rank downloads into its own folder: ranks sharing Ray's temporary one can read a file while
+        # another rank downloads it again (ray-project/ray#48726; seen here as a corrupt-zip error on resume).
+        with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
+            start_epoch, step = load_state(Path(checkpoint.to_directory(folder)) / STATE_FILE, model, optimizer,
+                                           scaler)
         LOG.info("rank %d resumed at epoch %d, step %d", rank, start_epoch, step)
     ddp_model = ray.train.torch.prepare_model(model)  # to the device, DDP wrap (weights loaded before)
     logger = None

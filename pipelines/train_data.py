@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from simplepose.augment import AugmentConfig, SourceImage
-from simplepose.coco import build_sample, image_masks, load_coco, training_samples
+from simplepose.coco import build_samples, image_masks, load_coco, training_samples
 from simplepose.targets import TargetConfig
 
 LOG = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ LOG = logging.getLogger(__name__)
 
 class CocoKeypointSamples(Dataset):
     """Item i = (image uint8 (S,S,3) BGR, mask float32 (1,S/4,S/4), targets float32 (50,S/4,S/4)) of training
-    sample i, augmented for `epoch` at crop size S = augment_config.crop_size. The training loop makes the
-    images float on its device (`simplepose.model.network_input`)."""
+    sample i, augmented for `epoch` at crop size S = augment_config.crop_size; `__getitems__` builds a batch of
+    them as (B, ...) tensors. The training loop makes the images float on its device
+    (`simplepose.model.network_input`)."""
 
     def __init__(self, annotations: str, images: str, augment_config: AugmentConfig = AugmentConfig(),
                  target_config: TargetConfig = TargetConfig(), seed: int = 0, max_samples: int | None = None):
@@ -69,11 +70,19 @@ class CocoKeypointSamples(Dataset):
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
-        source = SourceImage.from_arrays(self._read(sample.file_name), *image_masks(self.coco, sample.image_id))
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, mask, targets = build_sample(source, sample, rng, self.augment_config, self.target_config)
-        return torch.from_numpy(image), torch.from_numpy(mask), torch.from_numpy(targets)
+        return tuple(batch[0] for batch in self.__getitems__([index]))
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch at once (torch's DataLoader calls this with a batch's indices): the targets of all its
+        samples are rendered together, straight into the batch tensors (no collate copy; see `make_loader`)."""
+        items, rngs = [], []
+        for index in indices:
+            sample = self.samples[index]
+            items.append((SourceImage.from_arrays(self._read(sample.file_name),
+                                                  *image_masks(self.coco, sample.image_id)), sample))
+            rngs.append(np.random.default_rng([self.seed, self.epoch, index]))
+        images, masks, targets = build_samples(items, rngs, self.augment_config, self.target_config)
+        return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(targets)
 
 
 def tune_malloc(threshold: int = 64 << 20) -> bool:
@@ -96,16 +105,26 @@ def _configure_loader_process(_worker_id: int = 0) -> None:
     tune_malloc()
 
 
+def _already_batched(batch):
+    """collate_fn for `CocoKeypointSamples.__getitems__`, which returns the batch tensors themselves."""
+    return batch
+
+
 def make_loader(samples: CocoKeypointSamples, epoch: int, crop_size: int, batch_size: int, rank: int,
                 world: int, loader_workers: int = 0, prefetch_factor: int = 2, seed: int = 0) -> DataLoader:
     """This rank's shuffled shard of `samples` for `epoch` (full batches only, the same number on every rank)."""
     view = samples.for_epoch(epoch, crop_size)
     if loader_workers == 0:
         tune_malloc()  # samples are made in this process
+    else:
+        # A process forked while OpenCV's thread pool runs inherits a pool without threads, and the workers'
+        # first parallel OpenCV call hangs (measured); one thread here stops the pool before the fork.
+        cv2.setNumThreads(1)
     sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     return DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_configure_loader_process,
+                      collate_fn=_already_batched, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_configure_loader_process,
                       prefetch_factor=prefetch_factor if loader_workers else None,
                       persistent_workers=False)
 

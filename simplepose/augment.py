@@ -11,11 +11,11 @@ Coordinates: pixels, pixel centres at integer coordinates; the matrix maps sourc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 
 import cv2
+import numba
 import numpy as np
 
 from simplepose.skeleton import KEYPOINT_FLIP, NUM_KEYPOINTS
@@ -267,21 +267,9 @@ def _warp_mask_miss(source: SourceImage, matrix: np.ndarray, size: int, stride: 
     """
     inverse = cv2.invertAffineTransform(matrix)  # what warpAffine inverts internally: crop -> source
     tile = max(MASK_TILE // stride, 1) * stride
-    lattice = _tile_corners(size, tile)
-    corners = (inverse @ lattice.reshape(3, -1)).reshape(2, *lattice.shape[1:])  # source x, y: (2, n+1, n+1)
-    # An affine image of a box is bounded by the images of its corners. Bilinear reads floor(p) and floor(p) + 1;
-    # one more pixel each side covers the fixed-point rounding.
-    views = (corners[:, :-1, :-1], corners[:, :-1, 1:], corners[:, 1:, :-1], corners[:, 1:, 1:])
-    low = np.floor(np.minimum.reduce(views)) - 1  # (2, n, n) per tile (row, col)
-    high = np.floor(np.maximum.reduce(views)) + 2
-    limit = np.array(source.mask_miss.shape[::-1], np.float64)[:, None, None] - 1  # last source x, y
-    inside = ((high >= 0) & (low <= limit)).all(axis=0)
-    (x0, y0), (x1, y1) = (np.minimum(np.maximum(bound, 0), limit).astype(np.int64) // IGNORED_BLOCK
-                          for bound in (low, high))
-    blocks = source.ignored_blocks  # summed-area table: the sum over blocks [y0, y1] x [x0, x1]
-    ignored = blocks[y1 + 1, x1 + 1] - blocks[y0, x1 + 1] - blocks[y1 + 1, x0] + blocks[y0, x0]
-    needed = inside & (ignored > 0)
-    out = np.ones((size // stride, size // stride), np.float32)
+    needed = _tiles_reaching_ignored(inverse, size, tile, source.ignored_blocks, IGNORED_BLOCK,
+                                     *source.mask_miss.shape)
+    grid = np.full((size // stride, size // stride), 255, np.uint8)
     for row in np.flatnonzero(needed.any(axis=1)):
         cols = np.flatnonzero(needed[row])
         top, left = int(row) * tile, int(cols[0]) * tile
@@ -291,18 +279,41 @@ def _warp_mask_miss(source: SourceImage, matrix: np.ndarray, size: int, stride: 
         band = cv2.warpAffine(source.mask_miss, shifted, (right - left, bottom - top),
                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
                               borderValue=255)
-        out[top // stride:bottom // stride, left // stride:right // stride] = _to_grid(
-            band, ((bottom - top) // stride, (right - left) // stride))
-    return out
+        cv2.resize(band, ((right - left) // stride, (bottom - top) // stride),
+                   dst=grid[top // stride:bottom // stride, left // stride:right // stride],
+                   interpolation=cv2.INTER_AREA)
+    return np.divide(grid, np.float32(255.0), dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=8)
-def _tile_corners(size: int, tile: int) -> np.ndarray:
-    """Homogeneous crop coordinates (3, n + 1, n + 1) of the corners of the n x n tiles of a size x size crop:
-    x, y, 1 on the lattice 0, tile, 2 tile, ..., size (a tile's far corner is one pixel past its last pixel)."""
-    edges = np.append(np.arange(0, size, tile), size).astype(np.float64)
-    y, x = np.meshgrid(edges, edges, indexing="ij")
-    return np.stack([x, y, np.ones_like(x)])
+@numba.njit(cache=True, nogil=True)
+def _tiles_reaching_ignored(inverse, size, tile, blocks, block, height, width):
+    """bool (n, n): the crop tiles (tile x tile pixels from (0, 0), n = ceil(size / tile)) whose bilinear
+    footprint in the source image (height x width) reaches a block holding an ignored pixel.
+
+    inverse: crop -> source affine (2, 3); blocks: summed-area table of the ignored blocks of `block` pixels.
+    The image of a tile is bounded by the images of its corners (the far ones taken one pixel past it).
+    Bilinear reads floor(p) and floor(p) + 1; one more pixel each side covers OpenCV's fixed-point rounding.
+    """
+    count = (size + tile - 1) // tile
+    needed = np.zeros((count, count), np.bool_)
+    for row in range(count):
+        for col in range(count):
+            x_low, y_low, x_high, y_high = np.inf, np.inf, -np.inf, -np.inf
+            for v in (row * tile, min(row * tile + tile, size)):
+                for u in (col * tile, min(col * tile + tile, size)):
+                    x = inverse[0, 0] * u + inverse[0, 1] * v + inverse[0, 2]
+                    y = inverse[1, 0] * u + inverse[1, 1] * v + inverse[1, 2]
+                    x_low, x_high = min(x_low, x), max(x_high, x)
+                    y_low, y_high = min(y_low, y), max(y_high, y)
+            x0, x1 = math.floor(x_low) - 1, math.floor(x_high) + 2
+            y0, y1 = math.floor(y_low) - 1, math.floor(y_high) + 2
+            if x1 < 0 or y1 < 0 or x0 > width - 1 or y0 > height - 1:
+                continue  # the tile sees only the border (255)
+            x0, y0 = max(x0, 0) // block, max(y0, 0) // block
+            x1, y1 = min(x1, width - 1) // block, min(y1, height - 1) // block
+            ignored = blocks[y1 + 1, x1 + 1] - blocks[y0, x1 + 1] - blocks[y1 + 1, x0] + blocks[y0, x0]
+            needed[row, col] = ignored > 0
+    return needed
 
 
 def _to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

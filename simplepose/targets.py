@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import cv2
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,11 +115,12 @@ def render_heatmaps(keypoints: np.ndarray, grid_shape: tuple[int, int], config: 
 def render_heatmaps_batch(keypoints: Sequence[np.ndarray], grid_shape: tuple[int, int],
                           config: TargetConfig = TargetConfig(), person_masks: np.ndarray | None = None
                           ) -> np.ndarray:
-    """`render_heatmaps` of B images in one vectorised pass, float32 (B, 50, h, w).
+    """`render_heatmaps` of B images, float32 (B, 50, h, w).
 
     keypoints: B arrays (P_i, 18, 3) as in `render_heatmaps`; person_masks: None or (B, h, w) float in [0, 1].
-    A single image's targets cost mostly numpy's per-call overhead, which a batch shares (training data
-    loaders build whole batches: `simplepose.coco.build_samples`).
+    The windows and boxes of the whole batch are laid out together (numpy: its per-call cost is shared);
+    then each image is zeroed and drawn by compiled kernels while its 3 MB are in cache. Training loaders
+    build whole batches (`simplepose.coco.build_samples`).
     """
     if len(grid_shape) != 2 or min(grid_shape) < 1:
         raise ValueError(f"render_heatmaps: grid_shape must be (h, w) >= 1, got {grid_shape!r}")
@@ -131,131 +133,183 @@ def render_heatmaps_batch(keypoints: Sequence[np.ndarray], grid_shape: tuple[int
     kp = np.concatenate(arrays) if arrays else np.zeros((0, NUM_KEYPOINTS, 3))
     if not np.isfinite(kp).all():
         raise ValueError("render_heatmaps: keypoints contain NaN or inf")
-    out = np.zeros((len(arrays), NUM_CHANNELS, h, w), np.float32)
-    # Each person's first map in `out` viewed flat as (B * 50) maps: its image's channel 0.
-    image_of_person = np.repeat(np.arange(len(arrays)) * NUM_CHANNELS, [len(a) for a in arrays])
-    _render_keypoints(out, image_of_person, kp, config)
-    _render_limbs(out, image_of_person, kp, config)
+    masks = None
     if person_masks is not None:
         masks = np.asarray(person_masks, dtype=np.float32)
         if masks.shape != (len(arrays), h, w):
             raise ValueError(f"render_heatmaps: person_mask must be {(h, w)} per image, got shape "
                              f"{masks.shape[1:]} for {len(masks)} of {len(arrays)} images")
         # Only a caller's mask can leave [0, 1] (the Gaussians and the floor never do): clip it first.
-        for target, mask in zip(out, np.minimum(np.maximum(masks, 0.0), 1.0)):
-            target[PERSON_MASK_CHANNEL] = cv2.erode(mask, _ERODE_KERNEL)
+        masks = np.minimum(np.maximum(masks, 0.0), 1.0)
+    image = np.repeat(np.arange(len(arrays)), [len(kp) for kp in arrays])  # of each person
+    keypoints, keypoint_image = _keypoint_windows(kp, image)
+    limbs, limb_image = _limb_boxes_per_image(kp, image, (h, w), config)
+    # image n's keypoints and boxes are at bounds[n]:bounds[n + 1] of theirs
+    keypoint_bounds, limb_bounds = (np.searchsorted(of, np.arange(len(arrays) + 1)) for of in (keypoint_image,
+                                                                                               limb_image))
+    out = np.empty((len(arrays), NUM_CHANNELS, h, w), np.float32)
+    for n, target in enumerate(out):
+        target.fill(0.0)  # image by image: its 3 MB are still in cache when drawn on
+        _draw_keypoints(target, *(array[keypoint_bounds[n]:keypoint_bounds[n + 1]] for array in keypoints),
+                        MAX_KEYPOINT_CHANNEL, config.stride, -0.5 / config.keypoint_sigma ** 2,
+                        config.keypoint_window, np.float32(config.keypoint_threshold if config.style == "paper"
+                                                          else 0.0))  # paper: small values cut to 0
+        boxes = [array[limb_bounds[n]:limb_bounds[n + 1]] for array in limbs]
+        if config.style == "reference":
+            _draw_limbs_mean(target, *boxes, np.float32(config.limb_threshold), np.float32(config.limb_floor))
+        else:
+            t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
+            _draw_limbs_max(target, *boxes, np.float32(t_edge ** 2), np.float32(config.limb_threshold))
+        if masks is not None:
+            target[PERSON_MASK_CHANNEL] = cv2.erode(masks[n], _ERODE_KERNEL)
     return out
 
 
-def _cells_in_boxes(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int]):
-    """All cells of N inclusive boxes lo..hi ((N, 2) int as (col, row)) clipped to the grid, enumerated flat.
+def _keypoint_windows(kp: np.ndarray, image: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The keypoints to draw, in image order: ((channel (N,), xy (N, 2) input pixels), image (N,) of each).
+    kp: (P, 18, 3) of all images, each image's persons together; image: (P,) of each person."""
+    person, k = np.nonzero(kp[..., 2] < 2)  # in person order, so in image order
+    return (KEYPOINT_START + k, kp[person, k, :2]), image[person]
 
-    Returns (box, rows, cols, origin): int64 arrays of equal length giving each cell's box and its position
-    relative to `origin` (N, 2), the box's clipped top-left corner (col, row). Boxes outside the grid give
-    no cells (as the reference's slicing).
+
+def _limb_boxes_per_image(kp: np.ndarray, image: np.ndarray, grid: tuple[int, int], config: TargetConfig
+                          ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The body-part boxes to draw, sorted by (image, channel, person), and the image (N,) of each.
+
+    Returns (channel, origin, size, t_step, t_start[, along_step, along_start] for the paper style): origin
+    (col, row) of the box's first cell and size (cols, rows), clipped to the grid; t = t_step . (col, row) +
+    t_start is the scaled distance to the limb's line, `along` the position along it (`_linear_coefficients`).
     """
-    origin = np.maximum(lo, 0)
-    # int32 per cell: half the memory traffic of int64 on these tens of thousands of cells
-    size = np.maximum(np.minimum(hi, np.array(shape[::-1]) - 1) - origin + 1, 0).astype(np.int32)  # (cols, rows)
-    count = size[:, 0] * size[:, 1]
-    box = np.repeat(np.arange(len(count), dtype=np.int32), count)
-    local = np.arange(box.size, dtype=np.int32) - np.repeat(np.cumsum(count, dtype=np.int32) - count, count)
-    rows, cols = np.divmod(local, size[box, 0])
-    return box, rows, cols, origin
-
-
-def _render_keypoints(out: np.ndarray, first_map: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
-    """Max-combine the keypoint Gaussians of every person into `out` (B, 50, h, w) float32, in place.
-    first_map: (P,) index of each person's image's channel 0 in `out` viewed as (B * 50) maps."""
-    h, w = out.shape[2:]
-    person, k = np.nonzero(kp[..., 2] < 2)
-    xy = kp[person, k, :2]  # (N, 2) pixels
-    s, half = config.stride, config.keypoint_window
-    # Window cells around round(xy / stride) on both axes at once: (N, 2 = col | row, window)
-    cells = np.rint(xy / s).astype(np.int64)[:, :, None] + np.arange(-half, half + 1)
-    offsets = np.subtract(cells * s + (s / 2 - 0.5), xy[:, :, None])
-    gauss = np.exp(np.square(offsets, out=offsets) * (-0.5 / config.keypoint_sigma ** 2)).astype(np.float32)
-    # Window cells outside the grid get weight 0 and are clipped onto it: a max with 0 changes nothing.
-    last = np.array([w - 1, h - 1])[:, None]
-    gauss[(cells < 0) | (cells > last)] = 0.0
-    cells = np.minimum(np.maximum(cells, 0), last)  # np.clip is slower on small arrays
-    g = gauss[:, 1, :, None] * gauss[:, 0, None, :]  # separable: (N, window rows, window cols)
-    if config.style == "paper":
-        g[g < config.keypoint_threshold] = 0.0
-    rows = (cells[:, 1] * w)[:, :, None] + cells[:, 0, None, :]  # (N, window, window) cells of one map
-    maps = first_map[person] * (h * w)
-    # Each keypoint's channel, and channel 49 (the max over them): fewer bytes than a max over 18 maps.
-    for channel in (KEYPOINT_START + k, np.full_like(k, MAX_KEYPOINT_CHANNEL)):
-        np.maximum.at(out.reshape(-1), (rows + (maps + channel * (h * w))[:, None, None]).ravel(), g.ravel())
-
-
-def _render_limbs(out: np.ndarray, first_map: np.ndarray, kp: np.ndarray, config: TargetConfig) -> None:
-    """Body-part maps of every person into `out` (B, 50, h, w) float32, in place (mean or max combine).
-    first_map: (P,) index of each person's image's channel 0 in `out` viewed as (B * 50) maps."""
-    h, w = out.shape[2:]
+    h, w = grid
     used = kp[..., 2] < 2
     person, limb = np.nonzero(used[:, _LIMB_FROM] & used[:, _LIMB_TO])
     a = kp[person, _LIMB_FROM[limb], :2]
     b = kp[person, _LIMB_TO[limb], :2]
     length = np.hypot(*(b - a).T)
     keep = length > 0  # the reference skips zero-length limbs (a division by zero otherwise)
-    a, b, length = a[keep], b[keep], length[keep]
-    channel = first_map[person[keep]] + LIMB_CHANNELS.start + limb[keep]  # in `out` viewed as (B * 50) maps
-    s, off = config.stride, config.stride / 2 - 0.5
-    c_lo, c_hi = _limb_boxes(a, b, length, config)
-    box, rows, cols, origin = _cells_in_boxes(c_lo, c_hi, (h, w))
-    if box.size == 0:
-        return
+    order = np.flatnonzero(keep)[np.lexsort((limb[keep], image[person[keep]]))]  # stable: persons in order
+    a, b, length, person = a[order], b[order], length[order], person[order]
+    channel = LIMB_CHANNELS.start + limb[order]
+    s = config.stride
+    lo, hi = _limb_boxes(a, b, length, config)
+    origin = np.maximum(lo, 0)  # boxes clipped to the grid, as the reference's slicing
+    size = np.maximum(np.minimum(hi, (w - 1, h - 1)) - origin + 1, 0)  # (cols, rows), 0 when off the grid
+    first_centre = origin * s + (s / 2 - 0.5)  # input pixels of each box's first cell
     # The distance to the infinite line through a and b is linear in (col, row) up to its sign: per box,
     # t = (n . (cell - a)) / (sqrt(2) sigma) with n the line's normal over |b - a| + 1e-6 (the reference's).
     normal = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], axis=1) * (
         math.sqrt(0.5) / config.limb_sigma / (length + 1e-6))[:, None]
-    cells = (box, rows, cols, origin * s + off, s)
-    t = _linear_in_cells(normal, a, *cells)
-    t_squared = np.square(t, out=t)
-    g = np.negative(t_squared)
-    np.exp(g, out=g)
-    index_type = np.int32 if out.size < 2 ** 31 else np.int64  # int32: half the memory traffic
-    flat = ((channel * h + origin[:, 1]) * w + origin[:, 0]).astype(index_type)[box]
-    flat += rows * w
-    flat += cols
-    out = out.reshape(-1)
-    if config.style == "reference":
-        g[g <= config.limb_threshold] = config.limb_floor
-        # Mean over persons: sum in place, then divide the few cells that several boxes share.
-        np.add.at(out, flat, g)
-        overlapping = _overlapping_boxes(channel, c_lo, c_hi)
-        if overlapping.any():  # only boxes on the same map can share cells
-            cells, count = np.unique(flat[overlapping[box]], return_counts=True)
-            shared, count = cells[count > 1], count[count > 1]
-            out[shared] /= count
-    else:  # inside the ellipse: (along / semi-major)^2 + (distance / semi-minor)^2 <= 1
-        axis = (b - a) / (length * length / 2)[:, None]
-        along = _linear_in_cells(axis, (a + b) / 2, *cells)
-        t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
-        g[(along * along + t_squared / t_edge ** 2 > 1.0) | (g < config.limb_threshold)] = 0.0
-        np.maximum.at(out, flat, g)
+    boxes = (channel, origin, size, *_linear_coefficients(normal, a, first_centre, s))
+    if config.style == "paper":  # along the segment from its centre, in units of the semi-major axis
+        boxes += _linear_coefficients((b - a) / (length * length / 2)[:, None], (a + b) / 2, first_centre, s)
+    return boxes, image[person]
 
 
-def _overlapping_boxes(channel: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """bool (N,): boxes lo..hi ((N, 2) inclusive cells) that share a cell with another box on the same map.
+def _linear_coefficients(direction: np.ndarray, point: np.ndarray, first_centre: np.ndarray, stride: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """direction . (cell centre - point) = step . (col, row) + start, for the cells (col, row) of a box counted
+    from its first cell, whose centre is first_centre. Inputs (N, 2) per box as (x, y); returns float32
+    step (N, 2) and start (N,). float32: |t| stays below ~100 here, so the error is ~1e-5 at most where the
+    Gaussian is already ~0, ~1e-7 near its peak."""
+    return ((direction * stride).astype(np.float32),
+            (direction * (first_centre - point)).sum(axis=1).astype(np.float32))
 
-    Only pairs within a channel are compared (a batch has hundreds of boxes but a map only a few).
-    """
-    order = np.argsort(channel, kind="stable")
-    sorted_channel = channel[order]
-    starts = np.flatnonzero(np.r_[True, sorted_channel[1:] != sorted_channel[:-1]])
-    sizes = np.diff(np.r_[starts, len(order)])
-    group = np.repeat(np.arange(len(starts)), sizes)  # of each sorted box
-    partners = sizes[group]
-    first = np.repeat(np.arange(len(order)), partners)  # pairs (first, second) of sorted boxes in one group
-    second = np.repeat(starts[group], partners) + np.arange(partners.sum()) - np.repeat(
-        np.cumsum(partners) - partners, partners)
-    a, b = order[first], order[second]
-    shared = (a != b) & (lo[a] <= hi[b]).all(axis=1) & (lo[b] <= hi[a]).all(axis=1)
-    out = np.zeros(len(channel), bool)
-    out[a[shared]] = True
-    return out
+
+# The kernels below visit every cell of every keypoint window and limb box. Compiled (numba), a cell costs a
+# few nanoseconds; enumerating the cells with numpy cost more in per-call overhead than in arithmetic.
+# Their float32 arithmetic is spelled out operation by operation to keep the reference's rounding.
+
+@numba.njit(cache=True, nogil=True)
+def _draw_keypoints(maps, channel, xy, max_channel, stride, scale, half, cutoff):
+    """maps (C, h, w) float32. Keypoint n at xy[n] (input pixels) fills the window of cells round(xy / stride)
+    +- half with exp(scale * dx^2) * exp(scale * dy^2) (d: cell centre - keypoint), values < cutoff set to 0,
+    combined by max into maps channel[n] and max_channel. Cells off the grid are skipped."""
+    h, w = maps.shape[1], maps.shape[2]
+    offset = stride / 2 - 0.5
+    window = 2 * half + 1
+    gx = np.empty(window, np.float32)
+    gy = np.empty(window, np.float32)
+    for n in range(len(channel)):
+        x, y = xy[n, 0], xy[n, 1]
+        col0 = int(np.rint(x / stride)) - half
+        row0 = int(np.rint(y / stride)) - half
+        for i in range(window):
+            dx = ((col0 + i) * stride + offset) - x
+            dy = ((row0 + i) * stride + offset) - y
+            gx[i] = np.float32(np.exp(dx * dx * scale))
+            gy[i] = np.float32(np.exp(dy * dy * scale))
+        for i in range(window):
+            row = row0 + i
+            if row < 0 or row >= h:
+                continue
+            for j in range(window):
+                col = col0 + j
+                if col < 0 or col >= w:
+                    continue
+                value = gy[i] * gx[j]
+                if value < cutoff:
+                    value = np.float32(0.0)
+                if value > maps[channel[n], row, col]:
+                    maps[channel[n], row, col] = value
+                if value > maps[max_channel, row, col]:
+                    maps[max_channel, row, col] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _limb_t(step, start, box, col, row):
+    """float32 step . (col, row) + start of one cell of `box`, summed in the reference's order."""
+    t = step[box, 0] * np.float32(col)
+    t = t + step[box, 1] * np.float32(row)
+    return t + start[box]
+
+
+@numba.njit(cache=True, nogil=True)
+def _draw_limbs_mean(maps, channel, origin, size, t_step, t_start, threshold, floor):
+    """Reference body parts. Boxes (sorted by channel; cells from origin (col, row), size (cols, rows)) add
+    exp(-t^2), with values <= threshold raised to floor, into maps[channel]; then each cell that several boxes
+    of one map cover is divided by their count: the mean over persons."""
+    count = np.zeros((maps.shape[1], maps.shape[2]), np.uint16)
+    first = 0
+    while first < len(channel):
+        last = first + 1
+        while last < len(channel) and channel[last] == channel[first]:
+            last += 1
+        target = maps[channel[first]]
+        for box in range(first, last):
+            for row in range(size[box, 1]):
+                for col in range(size[box, 0]):
+                    t = _limb_t(t_step, t_start, box, col, row)
+                    value = np.exp(-(t * t))
+                    if value <= threshold:
+                        value = floor
+                    target[origin[box, 1] + row, origin[box, 0] + col] += value
+                    count[origin[box, 1] + row, origin[box, 0] + col] += 1
+        for box in range(first, last):  # divide shared cells once; leave `count` zero for the next map
+            for row in range(origin[box, 1], origin[box, 1] + size[box, 1]):
+                for col in range(origin[box, 0], origin[box, 0] + size[box, 0]):
+                    if count[row, col] > 1:
+                        target[row, col] = np.float32(np.float64(target[row, col]) / count[row, col])
+                    count[row, col] = 0
+        first = last
+
+
+@numba.njit(cache=True, nogil=True)
+def _draw_limbs_max(maps, channel, origin, size, t_step, t_start, along_step, along_start, t_edge_squared,
+                    threshold):
+    """Paper body parts: exp(-t^2) where along^2 + t^2 / t_edge^2 <= 1 (inside the ellipse) and the value is
+    >= threshold, else 0, combined by max into maps[channel]."""
+    for box in range(len(channel)):
+        target = maps[channel[box]]
+        for row in range(size[box, 1]):
+            for col in range(size[box, 0]):
+                t = _limb_t(t_step, t_start, box, col, row)
+                along = _limb_t(along_step, along_start, box, col, row)
+                t_squared = t * t
+                value = np.exp(-t_squared)
+                if along * along + t_squared / t_edge_squared > np.float32(1.0) or value < threshold:
+                    value = np.float32(0.0)
+                if value > target[origin[box, 1] + row, origin[box, 0] + col]:
+                    target[origin[box, 1] + row, origin[box, 0] + col] = value
 
 
 def _limb_boxes(a: np.ndarray, b: np.ndarray, length: np.ndarray, config: TargetConfig
@@ -275,22 +329,6 @@ def _limb_boxes(a: np.ndarray, b: np.ndarray, length: np.ndarray, config: Target
                        np.hypot(semi_major * sin, semi_minor * cos)], axis=1)
     centre = (a + b) / 2 - (s / 2 - 0.5)  # in units where cell j sits at s * j
     return np.ceil((centre - extent) / s).astype(np.int64), np.floor((centre + extent) / s).astype(np.int64)
-
-
-def _linear_in_cells(direction: np.ndarray, point: np.ndarray, box: np.ndarray, rows: np.ndarray,
-                     cols: np.ndarray, origin: np.ndarray, stride: int) -> np.ndarray:
-    """direction . (cell centre - point) for every enumerated cell, float64 (M,).
-
-    direction, point: (N, 2) per box, (x, y); origin: (N, 2) input-pixel centre of each box's first cell;
-    box, rows, cols: from `_cells_in_boxes`.
-    """
-    constant = (direction * (origin - point)).sum(axis=1).astype(np.float32)
-    step = (direction * stride).astype(np.float32)
-    # float32: |t| stays below ~100 here, so the error is ~1e-5 at most where g is already ~0, ~1e-7 near g = 1
-    out = np.multiply(step[box, 0], cols, dtype=np.float32)
-    out += np.multiply(step[box, 1], rows, dtype=np.float32)
-    out += constant[box]
-    return out
 
 
 def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
