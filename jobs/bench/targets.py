@@ -115,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.batch < 1 or args.repeats < 1:
         raise SystemExit("--workers, --batch and --repeats must be >= 1")
     print(f"machine: {describe_machine()}")
+    # One OpenCV thread from the start: workers forked while OpenCV's pool runs would hang (train_data too).
+    cv2.setNumThreads(1)
     start = time.perf_counter()
     samples, sources = _prepare(args)
     print(f"data: {len(samples)} samples from {len(sources)} images of {args.annotations}; decoding and masks "
