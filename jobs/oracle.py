@@ -159,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
     n = len(times)
     wall, cpu = times[:, :2].sum(axis=1), times[:, 2:4].sum(axis=1)
     figures = {
-        "mode": config.mode, "map_dtype": args.map_dtype, "batch_size": args.batch_size, "config": dataclasses.asdict(config),
+        "mode": config.mode, "map_dtype": args.map_dtype, "batch_size": args.batch_size,
+        "config": dataclasses.asdict(config),
         "n_images": n, "n_persons": len(results),
         "stats": stats,
         # Per core: one torch thread per process; the CPU time of the decoding thread is the primary figure

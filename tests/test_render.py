@@ -25,7 +25,8 @@ def write_fake_run(root: str, person_scores: float = 0.9) -> list:
         storage.write_atomic(uri, sample.data)
     n = len(samples)
     images = tables.images_table({
-        "run_id": np.full(n, "r1", object), "input_index": np.arange(n), "image_id": np.array([s.name for s in samples], object),
+        "run_id": np.full(n, "r1", object), "input_index": np.arange(n),
+        "image_id": np.array([s.name for s in samples], object),
         "uri": np.array(uris, object), "status": np.array([s.expected_status for s in samples], object),
         "error": np.array(["" if s.expected_status == "ok" else "truncated" for s in samples], object),
         "size_bytes": np.array([len(s.data) for s in samples]), "width": np.full(n, 160), "height": np.full(n, 120),
