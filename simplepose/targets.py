@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from simplepose.skeleton import (KEYPOINT_CHANNELS, KEYPOINT_START, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL,
-                                 NUM_CHANNELS, NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
+from simplepose.skeleton import (KEYPOINT_START, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL, NUM_CHANNELS,
+                                 NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
 
 LOG = logging.getLogger(__name__)
 
