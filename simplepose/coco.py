@@ -157,8 +157,8 @@ def build_samples(items: Sequence[tuple[SourceImage, TrainingSample]],
     """A batch of `build_sample`s: images uint8 (B, S, S, 3), masks float32 (B, 1, g, g), targets float32
     (B, 50, g, g), g = S / stride. Item n draws its augmentation from rngs[n], or uses params[n].
 
-    Images are warped one by one; the targets of the whole batch are rendered in one vectorised pass
-    (`render_heatmaps_batch`), which is where batching saves time.
+    Images are warped one by one; the targets of the whole batch are laid out together and drawn image by
+    image (`render_heatmaps_batch`), and every array is written in place into the batch arrays.
     """
     count = len(items)
     draws = params if params is not None else rngs

@@ -141,25 +141,28 @@ def render_heatmaps_batch(keypoints: Sequence[np.ndarray], grid_shape: tuple[int
                              f"{masks.shape[1:]} for {len(masks)} of {len(arrays)} images")
         # Only a caller's mask can leave [0, 1] (the Gaussians and the floor never do): clip it first.
         masks = np.minimum(np.maximum(masks, 0.0), 1.0)
-    image = np.repeat(np.arange(len(arrays)), [len(kp) for kp in arrays])  # of each person
-    keypoints, keypoint_image = _keypoint_windows(kp, image)
-    limbs, limb_image = _limb_boxes_per_image(kp, image, (h, w), config)
-    # image n's keypoints and boxes are at bounds[n]:bounds[n + 1] of theirs
-    keypoint_bounds, limb_bounds = (np.searchsorted(of, np.arange(len(arrays) + 1)) for of in (keypoint_image,
-                                                                                               limb_image))
+    image = np.repeat(np.arange(len(arrays)), [len(persons) for persons in arrays])  # of each person
+    windows, window_image = _keypoint_windows(kp, image)
+    boxes, box_image = _limb_boxes_per_image(kp, image, (h, w), config)
+    # image n's windows and boxes are at bounds[n]:bounds[n + 1] of theirs
+    window_bounds, box_bounds = (np.searchsorted(of, np.arange(len(arrays) + 1)) for of in (window_image,
+                                                                                            box_image))
+    keypoint_constants = (MAX_KEYPOINT_CHANNEL, config.stride, -0.5 / config.keypoint_sigma ** 2,
+                          config.keypoint_window,  # paper style: values below the threshold cut to 0
+                          np.float32(config.keypoint_threshold if config.style == "paper" else 0.0))
+    if config.style == "reference":
+        draw_limbs = _draw_limbs_mean
+        limb_constants = (np.float32(config.limb_threshold), np.float32(config.limb_floor))
+    else:
+        draw_limbs = _draw_limbs_max
+        t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
+        limb_constants = (np.float32(t_edge ** 2), np.float32(config.limb_threshold))
     out = np.empty((len(arrays), NUM_CHANNELS, h, w), np.float32)
     for n, target in enumerate(out):
         target.fill(0.0)  # image by image: its 3 MB are still in cache when drawn on
-        _draw_keypoints(target, *(array[keypoint_bounds[n]:keypoint_bounds[n + 1]] for array in keypoints),
-                        MAX_KEYPOINT_CHANNEL, config.stride, -0.5 / config.keypoint_sigma ** 2,
-                        config.keypoint_window, np.float32(config.keypoint_threshold if config.style == "paper"
-                                                          else 0.0))  # paper: small values cut to 0
-        boxes = [array[limb_bounds[n]:limb_bounds[n + 1]] for array in limbs]
-        if config.style == "reference":
-            _draw_limbs_mean(target, *boxes, np.float32(config.limb_threshold), np.float32(config.limb_floor))
-        else:
-            t_edge = math.sqrt(0.5) / config.limb_sigma * config.limb_half_width
-            _draw_limbs_max(target, *boxes, np.float32(t_edge ** 2), np.float32(config.limb_threshold))
+        _draw_keypoints(target, *(array[window_bounds[n]:window_bounds[n + 1]] for array in windows),
+                        *keypoint_constants)
+        draw_limbs(target, *(array[box_bounds[n]:box_bounds[n + 1]] for array in boxes), *limb_constants)
         if masks is not None:
             target[PERSON_MASK_CHANNEL] = cv2.erode(masks[n], _ERODE_KERNEL)
     return out
