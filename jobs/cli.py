@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "run the labeling job end to end on an embedded local stack"),
     "label": ("jobs.label", "label images from object storage into Parquet pose tables"),
     "render": ("jobs.render", "draw detected poses from a labeling run onto its images"),
+    "report": ("jobs.report", "one self-contained HTML page about a labeling run"),
     "oracle": ("jobs.oracle", "decode perfect heatmaps of a COCO file: the ceiling of the grouping"),
     "train": ("jobs.train", "train the IMHN with Ray Train (data-parallel, mixed precision)"),
     "evaluate": ("jobs.evaluate", "COCO keypoint evaluation of a model, logged to MLflow"),
