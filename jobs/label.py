@@ -16,9 +16,10 @@ LOG = logging.getLogger(__name__)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelJobConfig)}
 
 
-def _pair(text: str) -> tuple[int, int]:
-    low, _, high = text.partition(",")
-    return int(low), int(high or low)
+def _pair(text: str) -> tuple[int, int | None]:
+    """MIN[,MAX] -> (min, max); "MIN," leaves max to be sized from the cluster (None)."""
+    low, comma, high = text.partition(",")
+    return int(low), (int(high) if high else None if comma else int(low))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heatmap aggregation (default: reference for --mode reference, else stride4)")
     parser.add_argument("--max-pixels", type=int, default=_DEFAULTS["max_pixels"],
                         help="images with more pixels get status too_large (default %(default)s)")
+    parser.add_argument("--min-person-score", type=float, default=None,
+                        help="output floor: persons scoring below are not written (default: PoseFloor's)")
+    parser.add_argument("--min-keypoints", type=int, default=None,
+                        help="output floor: persons with fewer detected keypoints are not written "
+                             "(default: PoseFloor's)")
+    parser.add_argument("--forward-batch-size", type=int, default=_DEFAULTS["forward_batch_size"],
+                        help="images of one padded shape per network forward (default %(default)s)")
     parser.add_argument("--chunk-size", type=int, default=_DEFAULTS["chunk_size"],
                         help="objects per committed part file (default %(default)s)")
     for stage in ("read", "decode", "network", "assemble"):
@@ -49,9 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for stage in ("decode", "network", "assemble"):
         default = _DEFAULTS[f"{stage}_actors"]
         parser.add_argument(f"--{stage}-actors", type=_pair, default=default, metavar="MIN[,MAX]",
-                            help=f"{stage} actor pool size (default {default[0]},{default[1]})")
+                            help=f"{stage} actor pool size; 'MIN,' sizes the maximum from the cluster "
+                                 f"(default {default[0]},{'' if default[1] is None else default[1]})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULTS["device"])
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_DEFAULTS["precision"])
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC activations in the network (default: on CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network once per actor")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous run in OUTPUT and start afresh")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -69,7 +81,9 @@ def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
     return LabelJobConfig(
         input=args.input, output=args.output, model=args.model, boxsize=args.boxsize, scales=tuple(args.scales),
         flip=args.flip, mode=args.mode, aggregation=args.aggregation, max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, device=args.device, precision=args.precision, overwrite=args.overwrite,
+        chunk_size=args.chunk_size, min_person_score=args.min_person_score, min_keypoints=args.min_keypoints,
+        forward_batch_size=args.forward_batch_size, channels_last=args.channels_last, compile=args.compile,
+        device=args.device, precision=args.precision, overwrite=args.overwrite,
         address=args.address, storage_options=options,
         **{f"{s}_batch_size": getattr(args, f"{s}_batch_size") for s in stages},
         **{f"{s}_cpus": getattr(args, f"{s}_cpus") for s in stages},

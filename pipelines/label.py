@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipelines import label_run, storage, tables
 from pipelines.label_ray import build_dataset, connect_ray
-from pipelines.label_stages import IMAGE_COLUMNS
+from pipelines.label_stages import IMAGE_COLUMNS, NETWORK_ENGINES
 
 LOG = logging.getLogger(__name__)
 
@@ -35,11 +35,18 @@ class LabelJobConfig:
     output: folder URI of the run (see `pipelines.label_run`). model: checkpoint URI or models:/NAME@ALIAS.
     aggregation: heatmap aggregation (`InferConfig.aggregation`); None = "reference" for mode "reference"
       (its decoder needs original-resolution maps), else "stride4" (maps stay on the device, no upsampling).
+    min_person_score, min_keypoints: the output floor of the poses table (`simplepose.decode.PoseFloor`;
+      None = its defaults): persons scoring below, or with fewer detected keypoints, are not written.
     chunk_size: objects per committed chunk (one images and one poses part file per chunk; a kill loses at
-      most the chunks in flight). *_batch_size: rows per batch of each stage. *_actors: (min, max) actor
-      pool sizes. *_cpus: logical CPUs reserved per task / actor (fractional on small machines, STACK P3).
-    device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU. precision: "auto" =
-      bf16 on GPUs that support it, fp16 on others, fp32 on CPU.
+      most the chunks in flight). *_batch_size: rows per Ray batch of each stage; each batch is one block,
+      and the driver's cost is per block, so batches are large. The network stage groups its Ray batch by
+      padded shape into forwards of up to forward_batch_size images of one shape. *_actors: (min, max)
+      actor pool sizes, max None = sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs
+      reserved per task / actor (fractional on small machines, STACK P3).
+    device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
+      without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
+      GPU), fp16 on others, fp32 on CPU. engine: "torch" (the IMHN) or "null" (an instant stand-in for
+      benchmarks). channels_last: NHWC activations (None = on CUDA only). compile: `torch.compile` the model.
     address: Ray cluster to join (None: $RAY_ADDRESS, else a local Ray). storage_options: fsspec options
       (endpoint_url, key, secret, profile...), never logged or written.
     """
@@ -53,20 +60,26 @@ class LabelJobConfig:
     mode: str = "default"
     aggregation: str | None = None
     max_pixels: int = 50_000_000
+    min_person_score: float | None = None
+    min_keypoints: int | None = None
     chunk_size: int = 10_000
-    read_batch_size: int = 16
-    decode_batch_size: int = 8
-    network_batch_size: int = 8
-    assemble_batch_size: int = 32
+    read_batch_size: int = 64
+    decode_batch_size: int = 64
+    network_batch_size: int = 256
+    forward_batch_size: int = 16
+    assemble_batch_size: int = 256
     read_cpus: float = 0.25
     decode_cpus: float = 0.5
     network_cpus: float = 1.0
     assemble_cpus: float = 0.25
-    decode_actors: tuple[int, int] = (1, 4)
-    network_actors: tuple[int, int] = (1, 1)
-    assemble_actors: tuple[int, int] = (1, 2)
+    decode_actors: tuple[int, int | None] = (1, None)
+    network_actors: tuple[int, int | None] = (1, None)
+    assemble_actors: tuple[int, int | None] = (1, None)
     device: str = "auto"
     precision: str = "auto"
+    engine: str = "torch"
+    channels_last: bool | None = None
+    compile: bool = False
     read_retries: int = 3
     overwrite: bool = False
     address: str | None = None
@@ -78,18 +91,22 @@ class LabelJobConfig:
         for name in ("input", "output", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"LabelJobConfig.{name}: a non-empty URI is required")
+        if self.engine not in NETWORK_ENGINES:
+            raise ValueError(f"LabelJobConfig.engine: {self.engine!r} not in {NETWORK_ENGINES}")
         if self.device not in DEVICES or self.precision not in PRECISIONS:
             raise ValueError(f"LabelJobConfig: device {self.device!r} not in {DEVICES} or precision "
                              f"{self.precision!r} not in {PRECISIONS}")
         if min(self.chunk_size, self.max_pixels, self.read_batch_size, self.decode_batch_size,
-               self.network_batch_size, self.assemble_batch_size) < 1:
+               self.network_batch_size, self.forward_batch_size, self.assemble_batch_size) < 1:
             raise ValueError("LabelJobConfig: chunk_size, max_pixels and batch sizes must be >= 1")
         for name in ("decode_actors", "network_actors", "assemble_actors"):
             low, high = getattr(self, name)
-            if not 1 <= low <= high:
-                raise ValueError(f"LabelJobConfig.{name}: need 1 <= min <= max, got {(low, high)}")
+            if low < 1 or (high is not None and high < low):
+                raise ValueError(f"LabelJobConfig.{name}: need 1 <= min <= max (max None = sized from the "
+                                 f"cluster), got {(low, high)}")
         self.decoder_config()  # validates mode
         self.infer_config()  # validates boxsize, scales, aggregation
+        self.pose_floor()  # validates the floor
 
     def infer_config(self):
         from simplepose.infer import InferConfig
@@ -102,10 +119,19 @@ class LabelJobConfig:
 
         return DecoderConfig(mode=self.mode)
 
+    def pose_floor(self):
+        """The output floor of the poses table (`simplepose.decode.PoseFloor`)."""
+        from simplepose.decode import PoseFloor
+
+        changes = {name: value for name, value in (("min_person_score", self.min_person_score),
+                                                   ("min_keypoints", self.min_keypoints)) if value is not None}
+        return PoseFloor(**changes)
+
     def settings(self) -> dict:
         """What determines the output rows (the run id is derived from it); no secrets."""
         infer = dataclasses.asdict(self.infer_config())
         return {"input": self.input, "model": self.model, "infer": infer, "mode": self.mode,
+                "decoder": dataclasses.asdict(self.decoder_config()), "floor": dataclasses.asdict(self.pose_floor()),
                 "max_pixels": self.max_pixels, "chunk_size": self.chunk_size,
                 "schema_version": tables.SCHEMA_VERSION}
 
@@ -158,7 +184,8 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
     if pending:
         writer = ChunkWriter(folder, run, config.chunk_size, objects, pending, config.progress_interval_s)
         with connect_ray(config.address) as ray_resources:
-            dataset = build_dataset(config, model_uri, [folder.input_chunk_uri(c) for c in pending], ray_resources)
+            dataset = build_dataset(config, model_uri, [folder.input_chunk_uri(c) for c in pending],
+                                    [writer.expected[c] for c in pending], ray_resources)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
         writer.check_done()
@@ -179,14 +206,17 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
 class ChunkWriter:
     """Collects output rows per chunk and commits a chunk as soon as all its rows have arrived.
 
-    Rows are keyed by input_index, so a row delivered twice (a retried task) is written once.
+    Rows are keyed by input_index, so a row delivered twice (a retried task) is written once. The driver's
+    work per batch is a few numpy operations (no Python loop over rows): it bounds how many images per
+    second one job can drive.
     """
 
     def __init__(self, folder: label_run.RunFolder, run: dict, chunk_size: int, objects: int,
                  pending: list[int], progress_interval_s: float):
         self.folder, self.run, self.chunk_size, self.objects = folder, run, chunk_size, objects
         self.expected = {c: min(chunk_size, objects - c * chunk_size) for c in pending}
-        self.buffers: dict[int, dict[int, dict]] = {}
+        self.arrived = {c: np.zeros(n, bool) for c, n in self.expected.items()}
+        self.pieces: dict[int, list[dict[str, np.ndarray]]] = {c: [] for c in pending}
         self.committed: set[int] = set()
         self.metadata = tables.table_metadata({k: run[k] for k in ("run_id", "model_name", "model_version")})
         self.rows_written = self.failed = 0
@@ -194,28 +224,37 @@ class ChunkWriter:
         self.interval = progress_interval_s
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
-        touched = set()
-        for i, index in enumerate(np.asarray(batch["input_index"], np.int64)):
-            chunk = int(index) // self.chunk_size
-            if chunk in self.committed:  # a late duplicate of a committed row: already written once
+        index = np.asarray(batch["input_index"], np.int64)
+        chunks = index // self.chunk_size
+        for chunk in np.unique(chunks).tolist():
+            if chunk in self.committed:  # late duplicates of committed rows: already written once
                 continue
             if chunk not in self.expected:
-                raise RuntimeError(f"row for input {index} of chunk {chunk}, which is not pending")
-            self.buffers.setdefault(chunk, {})[int(index)] = {name: batch[name][i] for name in batch}
-            touched.add(chunk)
-        for chunk in touched:
-            if len(self.buffers[chunk]) == self.expected[chunk]:
+                raise RuntimeError(f"rows for chunk {chunk}, which is not pending")
+            rows = np.flatnonzero(chunks == chunk)
+            offsets = index[rows] - chunk * self.chunk_size
+            offsets, first = np.unique(offsets, return_index=True)  # duplicates within the batch
+            new = ~self.arrived[chunk][offsets]
+            if not new.any():
+                continue
+            rows = rows[first[new]]
+            self.arrived[chunk][offsets[new]] = True
+            self.pieces[chunk].append({name: np.asarray(batch[name])[rows] for name in ROW_COLUMNS})
+            if self.arrived[chunk].all():
                 self._commit(chunk)
         self._report()
 
     def _commit(self, chunk: int) -> None:
-        rows = [row for _, row in sorted(self.buffers.pop(chunk).items())]
-        images, poses = chunk_tables(rows, self.run, self.metadata)
+        pieces = self.pieces.pop(chunk)
+        rows = {name: np.concatenate([piece[name] for piece in pieces]) for name in ROW_COLUMNS}
+        order = np.argsort(rows["input_index"], kind="stable")
+        images, poses = chunk_tables({name: column[order] for name, column in rows.items()}, self.run,
+                                     self.metadata)
         self.folder.write_chunk(chunk, images, poses)
-        del self.expected[chunk]
+        del self.expected[chunk], self.arrived[chunk]
         self.committed.add(chunk)
-        self.rows_written += len(rows)
-        self.failed += sum(row["status"] != "ok" for row in rows)
+        self.rows_written += len(order)
+        self.failed += int((rows["status"] != "ok").sum())
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -228,26 +267,32 @@ class ChunkWriter:
     def check_done(self) -> None:
         self._report(force=True)
         if self.expected:
-            missing = {c: self.expected[c] - len(self.buffers.get(c, {})) for c in self.expected}
+            missing = {c: int((~self.arrived[c]).sum()) for c in self.expected}
             raise RuntimeError(f"the pipeline ended with rows missing in chunks {missing}")
 
 
-def chunk_tables(rows: list[dict], run: dict, metadata: dict) -> tuple[pa.Table, pa.Table]:
-    """(images, poses) tables of one chunk from the assembly stage's rows (ordered by input_index)."""
-    columns = {name: np.array([row[name] for row in rows], dtype=object) for name in IMAGE_COLUMNS}
-    columns["num_persons"] = np.array([row["num_persons"] for row in rows], np.int32)
-    columns["run_id"] = np.full(len(rows), run["run_id"], dtype=object)
+ROW_COLUMNS = (*IMAGE_COLUMNS, "num_persons", "pose_keypoints", "pose_scores", "pose_boxes")
+"""The assembly stage's columns that the tables keep."""
+
+
+def chunk_tables(rows: Mapping[str, np.ndarray], run: dict, metadata: dict) -> tuple[pa.Table, pa.Table]:
+    """(images, poses) tables of one chunk from the assembly stage's columns (`ROW_COLUMNS`, ordered by
+    input_index)."""
+    n = len(rows["input_index"])
+    columns = {name: rows[name] for name in IMAGE_COLUMNS}
+    columns["num_persons"] = np.asarray(rows["num_persons"], np.int32)
+    columns["run_id"] = np.full(n, run["run_id"], dtype=object)
     images = tables.images_table(columns, metadata)
-    with_persons = [row for row in rows if row["num_persons"] > 0]
-    counts = [int(row["num_persons"]) for row in with_persons]
+    with_persons = np.flatnonzero(columns["num_persons"] > 0)
+    counts = columns["num_persons"][with_persons]
 
     def stacked(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        parts = [np.frombuffer(row[name], np.float32) for row in with_persons]
-        return np.concatenate(parts).reshape(-1, *shape) if parts else np.zeros((0, *shape), np.float32)
+        joined = b"".join(rows[name][with_persons].tolist())
+        return np.frombuffer(joined, np.float32).reshape(-1, *shape)
 
     poses = tables.poses_table(
-        np.repeat([row["image_id"] for row in with_persons], counts) if counts else np.zeros(0, object),
-        np.repeat([row["uri"] for row in with_persons], counts) if counts else np.zeros(0, object),
+        np.repeat(np.asarray(rows["image_id"], dtype=object)[with_persons], counts),
+        np.repeat(np.asarray(rows["uri"], dtype=object)[with_persons], counts),
         stacked("pose_keypoints", (17, 3)), stacked("pose_scores", ()), stacked("pose_boxes", (4,)),
         run["run_id"], run["model_name"], run["model_version"], metadata)
     return images, poses

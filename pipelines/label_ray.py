@@ -13,16 +13,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 
-import numpy as np
 
-from pipelines import storage
-from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_objects_batch
+from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
 
 LOG = logging.getLogger(__name__)
 
 # Before `import ray` (STACK P9, P10): no token-auth file, no usage stats, no C++ actor-argument noise.
-BLOCK_BYTES = 1 << 20
-"""Target Ray Data block size: a few images' bytes, one or two decoded network inputs."""
+BLOCK_BYTES = 256 << 20
+"""Ray Data's target block size: large enough that a stage's batch (e.g. 64 decoded 512-px inputs, ~64 MB)
+stays one block. Blocks are sized by the stages' batch sizes instead: the driver's scheduling cost is per
+block, so one image per block (1 MiB blocks) made the driver the bottleneck (~8 ms of its CPU per image)."""
 
 QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
 
@@ -61,80 +61,85 @@ def connect_ray(address: str | None = None) -> Iterator[dict[str, float]]:
             ray.shutdown()
 
 
-def list_chunk_rows(batch: Mapping[str, np.ndarray], storage_options: Mapping | None = None
-                    ) -> dict[str, np.ndarray]:
-    """{chunk_uri} -> the rows (input_index, image_id, uri) of those frozen input chunks."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = []
-    for uri in batch["chunk_uri"]:
-        with storage.open_binary(str(uri), storage_options) as f:
-            parts.append(pq.read_table(f))
-    table = pa.concat_tables(parts)
-    return {"input_index": table["input_index"].to_numpy(),
-            "image_id": np.asarray(table["image_id"].to_pylist(), dtype=object),
-            "uri": np.asarray(table["uri"].to_pylist(), dtype=object)}
+def resolve_device(config, resources: Mapping[str, float]) -> str:
+    """The network actors' device for this cluster; "cuda" on a cluster without GPUs fails at once."""
+    gpus = resources.get("GPU", 0)
+    if config.device == "cuda" and gpus < 1:
+        raise ValueError(f"device cuda: the Ray cluster has no GPUs (resources: CPU {resources.get('CPU', 0):g}, "
+                         f"GPU 0); use --device cpu or auto, or join a cluster with GPU nodes (--address)")
+    if config.device == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    return config.device
 
 
-def resolve_device(config, resources: Mapping[str, float]) -> tuple[str, str]:
-    """(device, precision) of the network actors for this cluster."""
-    device = config.device
-    if device == "auto":
-        device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
-    precision = config.precision
-    if precision == "auto":
-        precision = "fp32" if device == "cpu" else "bf16" if _cuda_bf16() else "fp16"
-    return device, precision
-
-
-def _cuda_bf16() -> bool:
-    """Whether the driver's GPU (a proxy for the cluster's) supports bf16; assume so without a local GPU."""
-    import torch
-
-    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
-
-
-def source(config, chunk_uris: list[str]):
-    """The rows (input_index, image_id, uri) of the frozen input chunks, one block per chunk."""
+def source(config, chunk_uris: list[str], chunk_rows: list[int]):
+    """Slices of the frozen input chunks, `read_batch_size` objects each, one block per slice: each read
+    task lists and fetches one slice, so reads run in parallel even within one chunk."""
     import ray.data
 
-    dataset = ray.data.from_items([{"chunk_uri": uri} for uri in chunk_uris], override_num_blocks=len(chunk_uris))
-    dataset = dataset.map_batches(list_chunk_rows, batch_size=1, num_cpus=config.read_cpus,
-                                  fn_kwargs={"storage_options": dict(config.storage_options)})
-    return dataset
+    size = config.read_batch_size
+    items = [{"chunk_uri": uri, "start": start, "stop": min(start + size, rows)}
+             for uri, rows in zip(chunk_uris, chunk_rows) for start in range(0, rows, size)]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def pool_sizes(config, resources: Mapping[str, float], device: str) -> dict[str, tuple[int, int]]:
+    """(min, max) actor pool sizes of decode, network and assemble; a max of None in the config is sized
+    from the cluster: network one actor per GPU (or 1 on CPU); the CPUs left after the network actors and
+    one read task go 15 % to assembly (it is light once decoding is bounded) and the rest to decoding."""
+    cpus = float(resources.get("CPU", 1))
+    low, high = config.network_actors
+    if device == "cuda":  # one GPU each: never more actors than GPUs
+        gpus = max(1, int(resources.get("GPU", 1)))
+        network = (min(low, gpus), min(high or gpus, gpus))
+    else:
+        network = (low, high or 1)
+    network_cpus = 1.0 if device == "cuda" else config.network_cpus
+    free = max(0.0, cpus - network[1] * network_cpus - config.read_cpus)
+
+    def sized(sizes, share: float, each: float) -> tuple[int, int]:
+        low, high = sizes
+        return low, max(low, high if high is not None else int(free * share / each + 1e-9))
+
+    assemble = sized(config.assemble_actors, 0.15, config.assemble_cpus)
+    decode = sized(config.decode_actors, 1.0, config.decode_cpus)
+    if config.decode_actors[1] is None:  # the decode pool gets what assembly's minimum leaves
+        decode = (decode[0], max(decode[0], int((free - assemble[0] * config.assemble_cpus) / config.decode_cpus
+                                                + 1e-9)))
+    return {"decode": decode, "network": network, "assemble": assemble}
 
 
 def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple[str, Callable]]:
     """[(name, dataset -> dataset)] for read, decode, network and assembly, each its own operator."""
     from ray.data import ActorPoolStrategy
 
-    device, precision = resolve_device(config, resources)
+    device = resolve_device(config, resources)
+    pools = pool_sizes(config, resources, device)
     network_resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": config.network_cpus}
-    network_actors = config.network_actors
-    if device == "cuda":  # one GPU each: never more actors than GPUs
-        gpus = max(1, int(resources.get("GPU", 1)))
-        network_actors = (min(network_actors[0], gpus), gpus)
-    LOG.info("network actors %s on %s (%s)", network_actors, device, precision)
+    LOG.info("actor pools %s; network on %s (%s, engine %s)", pools, device, config.precision, config.engine)
     options = dict(config.storage_options)
     infer, decoder = config.infer_config(), config.decoder_config()
+    channels_last = device == "cuda" if config.channels_last is None else config.channels_last
 
-    def pool(sizes: tuple[int, int]) -> ActorPoolStrategy:
-        return ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+    def pool(name: str) -> ActorPoolStrategy:
+        return ActorPoolStrategy(min_size=pools[name][0], max_size=pools[name][1])
 
-    read = dict(fn=read_objects_batch, batch_size=config.read_batch_size, num_cpus=config.read_cpus,
+    read = dict(fn=read_slices_batch, batch_size=1, num_cpus=config.read_cpus,
                 fn_kwargs={"storage_options": options, "retries": config.read_retries})
     decode = dict(fn=DecodeStage, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus,
-                  compute=pool(config.decode_actors),
+                  compute=pool("decode"),
                   fn_constructor_kwargs={"infer_config": infer, "max_pixels": config.max_pixels})
-    network = dict(fn=NetworkStage, batch_size=config.network_batch_size, compute=pool(network_actors),
+    network = dict(fn=NetworkStage, batch_size=config.network_batch_size, compute=pool("network"),
                    **network_resources,
                    fn_constructor_kwargs={"model_uri": model_uri, "infer_config": infer, "decoder_config": decoder,
-                                          "device": device, "precision": precision,
-                                          "network_batch_size": config.network_batch_size,
-                                          "threads": max(1, int(config.network_cpus)), "storage_options": options})
+                                          "device": device, "precision": config.precision,
+                                          "forward_batch_size": config.forward_batch_size,
+                                          "threads": max(1, int(config.network_cpus)), "storage_options": options,
+                                          "engine": config.engine, "compile": config.compile,
+                                          "channels_last": channels_last})
     assemble = dict(fn=AssembleStage, batch_size=config.assemble_batch_size, num_cpus=config.assemble_cpus,
-                    compute=pool(config.assemble_actors), fn_constructor_kwargs={"decoder_config": decoder})
+                    compute=pool("assemble"),
+                    fn_constructor_kwargs={"decoder_config": decoder, "floor": config.pose_floor()})
     return [(name, functools.partial(_map_batches, **kwargs))
             for name, kwargs in (("read", read), ("decode", decode), ("network", network), ("assemble", assemble))]
 
@@ -143,9 +148,10 @@ def _map_batches(dataset, fn, **kwargs):
     return dataset.map_batches(fn, **kwargs)
 
 
-def build_dataset(config, model_uri: str, chunk_uris: list[str], resources: Mapping[str, float]):
-    """The lazy Ray Dataset: frozen chunks -> read -> decode -> network -> assembly (one row per object)."""
-    dataset = source(config, chunk_uris)
+def build_dataset(config, model_uri: str, chunk_uris: list[str], chunk_rows: list[int],
+                  resources: Mapping[str, float]):
+    """The lazy Ray Dataset: frozen chunk slices -> read -> decode -> network -> assembly (one row per object)."""
+    dataset = source(config, chunk_uris, chunk_rows)
     for _, apply in stages(config, model_uri, resources):
         dataset = apply(dataset)
     return dataset

@@ -1,21 +1,21 @@
 """The stages of the labeling job, as Ray Data `map_batches` callables (testable on a dict batch without Ray).
 
-  read_objects_batch   object URIs -> bytes (retried), status read_error / empty          (Ray tasks, I/O)
+  read_slices_batch    frozen input slices -> URIs -> bytes (retried), read_error / empty   (Ray tasks, I/O)
   DecodeStage          bytes -> decoded, resized, padded uint8 network inputs              (CPU actors)
   NetworkStage         inputs -> network, flip + scale averaging, keypoint candidates     (GPU actors / CPU)
-  AssembleStage        candidates -> persons (greedy assembly)                             (CPU actors)
+  AssembleStage        candidates -> persons (greedy assembly, output floor)               (CPU actors)
 
 A batch is a dict of equal-length numpy arrays. Every stage keeps the image columns (`IMAGE_COLUMNS`) and
 marks failures in `status` / `error` instead of raising, so each input object stays exactly one row until
-the end. Variable-size payloads (network inputs, candidates, persons) travel as bytes columns: pickled for
-the library's small dataclasses, raw float32 for the persons; this keeps Ray Data from guessing tensor types.
-Only uint8 network inputs and small candidate arrays cross the object store, never heatmaps.
+the end. Network inputs travel as uint8 tensor columns (`pixels_<scale>`, one (Hp, Wp, 3) array per row):
+Ray stores them as Arrow tensors that the next stage reads without unpickling or copying. Candidates (a few
+kB per image) are pickled; persons are raw float32 bytes. Heatmaps never leave the network actor.
 """
 from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +27,10 @@ IMAGE_COLUMNS = ("input_index", "image_id", "uri", "status", "error", "size_byte
 """Columns every stage passes on (one row per input object)."""
 
 OK = "ok"
+NETWORK_ENGINES = ("torch", "null")
+"""torch: the IMHN. null: an instant stand-in for benchmarks of the CPU path (`NullNetwork`)."""
+
+_EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
 
 
 def _errors(count: int) -> dict[str, np.ndarray]:
@@ -43,6 +47,35 @@ def _carry(batch: Mapping[str, np.ndarray], **columns: np.ndarray) -> dict[str, 
     out = {name: np.asarray(batch[name]) for name in IMAGE_COLUMNS if name in batch}
     out.update(columns)
     return out
+
+
+def _object_column(values: Sequence) -> np.ndarray:
+    """A 1-D object array of `values` (numpy would make a 4-D array of equal-shaped images)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = list(values)
+    return column
+
+
+def read_input_slice(chunk_uri: str, start: int, stop: int, storage_options: Mapping | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Rows start..stop-1 (positions within the chunk) of a frozen input chunk: input_index, image_id, uri."""
+    import pyarrow.parquet as pq
+
+    with storage.open_binary(chunk_uri, storage_options) as f:
+        table = pq.read_table(f).slice(start, stop - start)
+    return {"input_index": table["input_index"].to_numpy(),
+            "image_id": np.asarray(table["image_id"].to_pylist(), dtype=object),
+            "uri": np.asarray(table["uri"].to_pylist(), dtype=object)}
+
+
+def read_slices_batch(batch: Mapping[str, np.ndarray], storage_options: Mapping | None = None,
+                      retries: int = 3) -> dict[str, np.ndarray]:
+    """{chunk_uri, start, stop} (slices of frozen input chunks) -> one row per object of those slices."""
+    parts = [read_input_slice(str(uri), int(start), int(stop), storage_options)
+             for uri, start, stop in zip(batch["chunk_uri"], batch["start"], batch["stop"])]
+    rows = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if parts else \
+        {"input_index": np.zeros(0, np.int64), "image_id": np.zeros(0, object), "uri": np.zeros(0, object)}
+    return read_objects_batch(rows, storage_options, retries)
 
 
 def read_objects_batch(batch: Mapping[str, np.ndarray], storage_options: Mapping | None = None,
@@ -70,8 +103,32 @@ def read_objects_batch(batch: Mapping[str, np.ndarray], storage_options: Mapping
             "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32)}
 
 
+def pack_inputs(inputs: Sequence[Sequence | None], scales: int) -> dict[str, np.ndarray]:
+    """Per-image `simplepose.infer.preprocess` outputs (None for failed rows) -> tensor and scalar columns:
+    pixels_<s> (uint8 (Hp, Wp, 3) per row; (0, 0, 3) for failed rows), factor_<s>, resized_<s> (rh, rw)."""
+    columns = {}
+    for s in range(scales):
+        columns[f"pixels_{s}"] = _object_column([item[s].image if item else _EMPTY_PIXELS for item in inputs])
+        columns[f"factor_{s}"] = np.array([item[s].factor if item else 0.0 for item in inputs], np.float64)
+        columns[f"resized_{s}"] = np.array([item[s].resized_shape if item else (0, 0) for item in inputs],
+                                           np.int32).reshape(-1, 2)
+    return columns
+
+
+def unpack_inputs(batch: Mapping[str, np.ndarray], rows: Sequence[int], scales: int) -> list[list]:
+    """The `ScaleInput` lists of `rows` from columns made by `pack_inputs` (views, no copies)."""
+    from simplepose.infer import ScaleInput
+
+    out = []
+    for i in rows:
+        size = (int(batch["height"][i]), int(batch["width"][i]))
+        out.append([ScaleInput(np.asarray(batch[f"pixels_{s}"][i]), float(batch[f"factor_{s}"][i]),
+                               tuple(int(v) for v in batch[f"resized_{s}"][i]), size) for s in range(scales)])
+    return out
+
+
 class DecodeStage:
-    """bytes -> `inputs` column: pickled `simplepose.infer.preprocess` output (per-scale padded uint8 BGR).
+    """bytes -> network inputs (`pack_inputs` columns: per-scale padded uint8 BGR of `simplepose.infer.preprocess`).
 
     Uses `pipelines.images.decode_image` (corrupt / truncated / oversized objects become statuses) and sets
     width and height (original pixels). infer_config: `simplepose.infer.InferConfig`; max_pixels: images
@@ -92,86 +149,149 @@ class DecodeStage:
         n = len(batch["uri"])
         status, error = np.array(batch["status"], dtype=object), np.array(batch["error"], dtype=object)
         width, height = np.array(batch["width"], np.int32), np.array(batch["height"], np.int32)
-        inputs = np.full(n, b"", dtype=object)
+        inputs: list = [None] * n
         for i in np.flatnonzero(status == OK):
             try:
-                decoded = self._decode(bytes(batch["data"][i]), self.max_pixels)
+                decoded = self._decode(batch["data"][i], self.max_pixels)
                 status[i], error[i] = decoded.status, decoded.error
                 width[i], height[i] = decoded.width, decoded.height
                 if decoded.status == OK:
-                    inputs[i] = pickle.dumps(self._preprocess(decoded.image, self.config), protocol=5)
+                    inputs[i] = self._preprocess(decoded.image, self.config)
             except Exception as failure:  # one bad image must not fail the batch (and its good neighbours)
                 status[i], error[i] = "decode_error", _describe(failure)
-        return _carry(batch, status=status, error=error, width=width, height=height, inputs=inputs)
+        return _carry(batch, status=status, error=error, width=width, height=height,
+                      **pack_inputs(inputs, len(self.config.scales)))
 
 
 class NetworkStage:
-    """`inputs` -> `candidates` column: pickled `simplepose.decode.Candidates` (small arrays only).
+    """Network inputs -> `candidates` column: pickled `simplepose.decode.Candidates` (small arrays only).
 
     Loads the model once (`model_uri`: a checkpoint URI of any fsspec filesystem or `models:/name/version`),
-    places it on `device` ("cuda" or "cpu"), then per batch runs `simplepose.infer.predict_inputs` (network,
-    flip and scale averaging; `precision` "fp32", "fp16" or "bf16" autocast) and the decoder's tensor stage
-    `find_candidates_batch` on the same device. A failing image becomes status inference_error.
+    places it on `device` ("cuda" or "cpu"), then per Ray batch groups the images by padded shape and runs
+    forwards of up to `forward_batch_size` images of one shape each (only equal shapes share a forward, so
+    the maps equal one-by-one runs), flip and scale averaging (`simplepose.infer.predict_inputs`) and the
+    decoder's tensor stage `find_candidates_batch` on the same device. Large Ray batches (`network_batch_size`
+    in the job) are what fill the forwards: COCO's aspect ratios give ~9 padded shapes at boxsize 512.
+
+    precision: "fp32", "fp16", "bf16" (autocast) or "auto" (resolved here, on the actor's own device: bf16
+    where the GPU supports it, else fp16; fp32 on CPU). channels_last: NHWC activations (faster convolutions
+    on tensor cores). compile: `torch.compile` the model once. engine "null": no network at all
+    (`NullNetwork`), for benchmarks of everything around it. A failing image becomes status inference_error.
+
+    `forward_batch` (int16 column): how many images shared each row's forward, so that a consumer can
+    compute the forward batch fill; `forwards` / `images_forwarded` count them on the actor.
     """
 
     def __init__(self, model_uri: str, infer_config, decoder_config, device: str = "cpu",
-                 precision: str = "fp32", network_batch_size: int = 8, threads: int = 1,
-                 storage_options: Mapping | None = None):
+                 precision: str = "auto", forward_batch_size: int = 16, threads: int = 1,
+                 storage_options: Mapping | None = None, engine: str = "torch", channels_last: bool = False,
+                 compile: bool = False):
         import torch
 
         from simplepose.infer import prepare_model
 
+        if engine not in NETWORK_ENGINES:
+            raise ValueError(f"NetworkStage: engine {engine!r} not in {NETWORK_ENGINES}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("NetworkStage: device cuda, but this worker sees no CUDA GPU "
+                               f"(CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r})")
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.torch = torch
+        self.torch, self.device = torch, torch.device(device)
         self.config, self.decoder_config = infer_config, decoder_config
-        self.dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.batch_size = network_batch_size
-        self.model = prepare_model(load_model(model_uri, storage_options), device)
+        self.precision = resolve_precision(precision, device)
+        self.dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self.batch_size, self.channels_last = forward_batch_size, channels_last
+        self.forwards = self.images_forwarded = 0
+        if engine == "null":
+            self.model, self.null = None, NullNetwork(decoder_config)
+        else:
+            self.null = None
+            model = prepare_model(load_model(model_uri, storage_options), device, channels_last=channels_last)
+            self.model = torch.compile(model) if compile else model
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
         status, error = np.array(batch["status"], dtype=object), np.array(batch["error"], dtype=object)
         candidates = np.full(n, b"", dtype=object)
-        decoded_rows = np.flatnonzero(status == OK)
-        prepared = [pickle.loads(batch["inputs"][i]) for i in decoded_rows]
-        try:
-            results = self._candidates(prepared)
-        except Exception as failure:  # find the culprit(s): retry one by one so good images survive
-            LOG.warning("batch of %d failed in the network stage (%s); retrying one by one", len(decoded_rows),
-                        _describe(failure))
-            results = []
-            for item in prepared:
-                try:
-                    results.extend(self._candidates([item]))
-                except Exception as single:
-                    results.append(single)
-        for i, result in zip(decoded_rows, results):
-            if isinstance(result, BaseException):
-                status[i], error[i] = "inference_error", _describe(result)
-            else:
-                candidates[i] = pickle.dumps(result, protocol=5)
-        return _carry(batch, status=status, error=error, candidates=candidates)
+        shared = np.zeros(n, np.int16)
+        rows = np.flatnonzero(status == OK)
+        scales = len(self.config.scales)
+        shapes = [tuple(np.asarray(batch[f"pixels_{s}"][i]).shape for s in range(scales)) for i in rows]
+        groups: dict[tuple, list[int]] = {}
+        for i, shape in zip(rows, shapes):
+            groups.setdefault(shape, []).append(int(i))
+        forwards = [g[k:k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+        for members in forwards:
+            prepared = unpack_inputs(batch, members, scales)
+            try:
+                results = self._candidates(prepared)
+                shared[members] = len(members)
+            except Exception as failure:  # find the culprit(s): retry one by one so good images survive
+                LOG.warning("forward of %d images failed in the network stage (%s); retrying one by one",
+                            len(members), _describe(failure))
+                results = []
+                for item in prepared:
+                    try:
+                        results.extend(self._candidates([item]))
+                    except Exception as single:
+                        results.append(single)
+                shared[members] = 1
+            for i, result in zip(members, results):
+                if isinstance(result, BaseException):
+                    status[i], error[i] = "inference_error", _describe(result)
+                else:
+                    candidates[i] = result if isinstance(result, bytes) else pickle.dumps(result, protocol=5)
+        return _carry(batch, status=status, error=error, candidates=candidates, forward_batch=shared)
 
     def _candidates(self, prepared: list) -> list:
+        """Candidates (or pickled candidates) of images whose inputs all share one padded shape per scale."""
         from simplepose.decode import find_candidates_batch
         from simplepose.infer import predict_inputs
 
-        if not prepared:
-            return []
-        heatmaps = predict_inputs(self.model, prepared, self.config, dtype=self.dtype, batch_size=self.batch_size)
-        with self.torch.inference_mode():  # one set of tensor ops for the whole batch (~3x faster per image)
+        self.forwards += 1
+        self.images_forwarded += len(prepared)
+        if self.null is not None:
+            return [self.null.candidates_bytes] * len(prepared)
+        heatmaps = predict_inputs(self.model, prepared, self.config, dtype=self.dtype,
+                                  batch_size=self.batch_size, channels_last=self.channels_last)
+        with self.torch.inference_mode():  # one set of tensor ops for the whole forward (~3x faster per image)
             return find_candidates_batch(heatmaps, self.decoder_config)
+
+
+class NullNetwork:
+    """The network replaced by an instant stand-in: every image gets the same realistic candidates, those of
+    perfect maps of three drawn stick figures on a 512 x 683 image (about 50 candidates, 3 persons). Used by
+    `simplepose bench label --null-network` to time the CPU path and the driver alone."""
+
+    def __init__(self, decoder_config):
+        import torch
+
+        from pipelines.samples import draw_scene
+        from simplepose.decode import find_candidates
+        from simplepose.infer import heatmaps_from_stride4
+        from simplepose.skeleton import coco_to_reference
+        from simplepose.targets import render_heatmaps
+
+        height, width = 512, 683
+        _, keypoints = draw_scene(np.random.default_rng(0), height, width, persons=3)
+        maps = render_heatmaps(coco_to_reference(np.asarray(keypoints, np.float64)),
+                               (-(-height // 4), -(-width // 4)))
+        candidates = find_candidates(heatmaps_from_stride4(torch.from_numpy(maps), 1.0, (height, width)),
+                                     decoder_config)
+        self.candidates_bytes = pickle.dumps(candidates, protocol=5)
 
 
 class AssembleStage:
     """`candidates` -> persons: num_persons (int32) and, as raw float32 bytes, pose_keypoints (P, 17, 3)
-    COCO order (x, y, score; original pixels), pose_scores (P,) and pose_boxes (P, 4) x, y, w, h."""
+    COCO order (x, y, score; original pixels), pose_scores (P,) and pose_boxes (P, 4) x, y, w, h.
+    floor: `simplepose.decode.PoseFloor` applied to the persons (None: keep all the decoder gives)."""
 
-    def __init__(self, decoder_config):
-        from simplepose.decode import assemble
+    def __init__(self, decoder_config, floor=None):
+        from simplepose.decode import assemble, select_poses
 
-        self.config, self._assemble = decoder_config, assemble
+        self.config, self.floor = decoder_config, floor
+        self._assemble, self._select = assemble, select_poses
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
@@ -181,6 +301,8 @@ class AssembleStage:
         for i in np.flatnonzero(status == OK):
             try:
                 poses = self._assemble(pickle.loads(batch["candidates"][i]), self.config)
+                if self.floor is not None:
+                    poses = self._select(poses, self.floor)
             except Exception as failure:
                 status[i], error[i] = "inference_error", _describe(failure)
                 continue
@@ -188,8 +310,20 @@ class AssembleStage:
             keypoints[i] = np.asarray(poses.keypoints, np.float32).tobytes()
             scores[i] = np.asarray(poses.scores, np.float32).tobytes()
             boxes[i] = np.asarray(poses.boxes, np.float32).tobytes()
+        extra = {"forward_batch": np.asarray(batch["forward_batch"])} if "forward_batch" in batch else {}
         return _carry(batch, status=status, error=error, num_persons=persons, pose_keypoints=keypoints,
-                      pose_scores=scores, pose_boxes=boxes)
+                      pose_scores=scores, pose_boxes=boxes, **extra)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> bf16 on a GPU that supports it (this process's GPU), fp16 on other GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def load_model(model_uri: str, storage_options: Mapping | None = None):

@@ -229,8 +229,10 @@ def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: I
     shapes = [item.image.shape[:2] for item in inputs]
     with torch.inference_mode(), _autocast(device, dtype):
         for batch in _batches(shapes, batch_size):
-            stacked = np.stack([inputs[i].image for i in batch])
-            x = network_input(torch.from_numpy(stacked).to(device, non_blocking=True), channels_last)
+            host = torch.from_numpy(np.stack([inputs[i].image for i in batch]))
+            if device.type == "cuda":  # page-locked: the copy runs asynchronously, overlapping the forward
+                host = host.pin_memory()
+            x = network_input(host.to(device, non_blocking=True), channels_last)
             if config.flip:
                 x = torch.cat([x, x.flip(-1)])
             out = model(x)[-1][0].float()

@@ -48,9 +48,14 @@ def _pose_rows():
 RUN = {"run_id": "r1", "model_name": "tiny", "model_version": "v1"}
 
 
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> the assembly stage's batch format (one object array per column)."""
+    return {name: np.array([r[name] for r in rows], dtype=object) for name in rows[0]}
+
+
 def test_chunk_tables_schema_ranks_and_missing_keypoints():
     meta = tables.table_metadata(RUN)
-    images, poses = chunk_tables(_pose_rows(), RUN, meta)
+    images, poses = chunk_tables(_columns(_pose_rows()), RUN, meta)
     assert images.schema.equals(tables.IMAGES_SCHEMA) and poses.schema.equals(tables.POSES_SCHEMA)
     assert images["num_persons"].to_pylist() == [2, 0] and images["run_id"].to_pylist() == ["r1", "r1"]
     assert poses.num_rows == 2 and poses["image_id"].to_pylist() == ["a", "a"]
@@ -65,7 +70,7 @@ def test_chunk_tables_schema_ranks_and_missing_keypoints():
 
 def test_parquet_bytes_read_by_pandas_and_duckdb(tmp_path):
     duckdb = pytest.importorskip("duckdb")
-    _, poses = chunk_tables(_pose_rows(), RUN, tables.table_metadata(RUN))
+    _, poses = chunk_tables(_columns(_pose_rows()), RUN, tables.table_metadata(RUN))
     path = tmp_path / "poses.parquet"
     path.write_bytes(tables.to_parquet_bytes(poses))
     assert tables.read_metadata(pq.read_schema(path))["schema_version"] == tables.SCHEMA_VERSION
@@ -186,23 +191,21 @@ def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
     assert batch["status"].tolist() == ["ok", "ok", "ok", "empty", "read_error"]
     batch = DecodeStage(config.infer_config(), config.max_pixels)(batch)
     assert batch["status"].tolist() == ["ok", "decode_error", "decode_error", "empty", "read_error"]
-    assert batch["width"][0] > 0 and batch["inputs"][0] and batch["inputs"][1] == b""
+    assert batch["width"][0] > 0 and batch["pixels_0"][0].shape[2] == 3 and batch["pixels_0"][1].size == 0
     assert "data" not in batch  # the bytes are dropped after decoding
     tiny_limit = DecodeStage(config.infer_config(), max_pixels=100)(read_objects_batch(
         {name: batch[name][:1] for name in ("input_index", "image_id", "uri")}, retries=0))
-    assert tiny_limit["status"].tolist() == ["too_large"] and tiny_limit["inputs"][0] == b""
+    assert tiny_limit["status"].tolist() == ["too_large"] and tiny_limit["pixels_0"][0].size == 0
     batch = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
-    assert batch["status"][0] == "ok" and batch["candidates"][0]
-    batch = AssembleStage(config.decoder_config())(batch)
+    assert batch["status"][0] == "ok" and batch["candidates"][0] and batch["forward_batch"][0] == 1
+    batch = AssembleStage(config.decoder_config(), config.pose_floor())(batch)
     keypoints = np.frombuffer(batch["pose_keypoints"][0], np.float32).reshape(-1, 17, 3)
     assert keypoints.shape[0] == batch["num_persons"][0] and batch["num_persons"][1:].tolist() == [0] * 4
     assert describe_model(tiny_checkpoint)[1:] == ("tiny-random", describe_model(tiny_checkpoint)[2])
 
 
 def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
-    import pickle
-
-    from pipelines.label_stages import NetworkStage
+    from pipelines.label_stages import NetworkStage, pack_inputs
     from simplepose.infer import ScaleInput
 
     config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
@@ -212,7 +215,7 @@ def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
              "uri": np.array(["g", "b"], dtype=object), "status": np.array(["ok", "ok"], dtype=object),
              "error": np.array(["", ""], dtype=object), "size_bytes": np.zeros(2, np.int64),
              "width": np.full(2, 64), "height": np.full(2, 64),
-             "inputs": np.array([pickle.dumps(good), pickle.dumps(bad)], dtype=object)}
+             **pack_inputs([good, bad], scales=1)}
     out = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
     assert out["status"].tolist() == ["ok", "inference_error"] and "multiples of 64" in out["error"][1]
 

@@ -1,45 +1,116 @@
 """`simplepose bench label`: the labeling job end to end vs each of its stages alone, on the same data.
 
-Each stage alone runs as its own Ray Data job over the materialised output of the stage before it (same
-pool sizes and resources as in the job), so its rate is what the stage can do with the machine to itself;
-the writer alone is the driver committing the materialised rows. Two rates are printed for each: with
-start-up (actor pools, model loading; amortised only over many images) and steady (rows after the first
-output batch / time from the first batch to the last). End to end is the job's own Ray Data graph and
-writer on a frozen input list. Bar: end-to-end >= 80% of the slowest stage alone.
+End to end is the job's own Ray Data graph and chunk writer on a frozen input list. Each stage alone then
+runs as its own Ray Data job over the materialised output of the stage before it (same pools and resources),
+so its rate is what the stage can do with the machine to itself; the writer alone is the driver committing
+the materialised rows. Each stage is also called directly in this process on the same rows ("bare"): the
+library's own cost, without Ray.
+
+CPU is read from /proc for every process of the job (this driver, Ray's raylet and GCS, every worker),
+sampled every 0.2 s so that actors which exit at the end of an operator still count (up to 0.2 s of an
+exiting process's CPU can be missed). `--null-network` replaces the network by an instant stand-in
+(`pipelines.label_stages.NullNetwork`: shapes still grouped, realistic candidates), so that only the CPU path
+and the driver are timed. With a real network, `cpu_ms_per_image` excludes the forward's own CPU (measured
+bare). `--json`: the last line printed is one JSON object with every figure.
+
+Bars (docs/benchmarks.md): driver CPU <= 0.25 ms per image, cpu_ms_per_image <= 12, forward batch fill
+>= 0.9 at a forward batch of 16, end to end >= 80 % of the slowest stage alone.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 BAR = 0.8
+STAGES = ("read", "decode", "network", "assemble", "write")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", default=None,
-                        help="images (prefix/glob/manifest URI); default: shared coco-mini train2017")
-    parser.add_argument("--images", type=int, default=96, help="objects to label (the input is cycled)")
+                        help="images (prefix/glob/manifest, any URI); default: shared coco-mini train2017")
+    parser.add_argument("--images", type=int, default=1024, help="objects to label (the input is cycled)")
     parser.add_argument("--model", default=None, help="checkpoint URI (default: a random IMHN of --stacks/"
                                                        "--width/--increase, saved to a temporary file)")
-    parser.add_argument("--stacks", type=int, default=1)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--increase", type=int, default=16)
-    parser.add_argument("--boxsize", type=int, default=256)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--mode", choices=("default", "reference"), default="default")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
-    parser.add_argument("--chunk-size", type=int, default=32)
-    parser.add_argument("--network-cpus", type=float, default=1.0)
-    parser.add_argument("--network-batch-size", type=int, default=8)
-    parser.add_argument("--decode-actors", type=int, default=2, help="max decode actors")
+    parser.add_argument("--null-network", action="store_true",
+                        help="replace the network by an instant stand-in: time the CPU path and the driver only")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
+    parser.add_argument("--stacks", type=int, default=1, help="IMHN stacks of the random model")
+    parser.add_argument("--width", type=int, default=64, help="IMHN width of the random model")
+    parser.add_argument("--increase", type=int, default=16, help="IMHN width increase of the random model")
+    parser.add_argument("--boxsize", type=int, default=512, help="pixels the image height is scaled to")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip averaging")
+    parser.add_argument("--mode", choices=("default", "reference"), default="default", help="decoder mode")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="network device")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="network precision")
+    parser.add_argument("--chunk-size", type=int, default=10_000, help="objects per committed chunk")
+    parser.add_argument("--network-cpus", type=float, default=None,
+                        help="CPUs per network actor (default 1, or 0.25 with --null-network)")
+    parser.add_argument("--network-batch-size", type=int, default=256, help="rows per network Ray batch")
+    parser.add_argument("--forward-batch-size", type=int, default=16, help="images per network forward")
+    parser.add_argument("--decode-actors", type=int, default=None,
+                        help="max decode actors (default: sized from the cluster)")
     parser.add_argument("--network-actors", type=int, default=1, help="max network actors (<= GPUs on GPU)")
-    parser.add_argument("--assemble-actors", type=int, default=1, help="max assembly actors")
+    parser.add_argument("--assemble-actors", type=int, default=None,
+                        help="max assembly actors (default: sized from the cluster)")
+
+
+class ProcessCpu:
+    """CPU seconds of this process and all its descendants (Ray started here: raylet, GCS, workers), sampled
+    from /proc in a background thread so that processes which exit between readings still count."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.seen: dict[int, float] = {}
+        self.interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(parent, []).append(int(entry))
+        tree, stack = [], [os.getpid()]
+        while stack:
+            pid = stack.pop()
+            tree.append(pid)
+            stack.extend(children.get(pid, []))
+        return tree
+
+    def _sample(self) -> None:
+        for pid in self._tree():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            self.seen[pid] = max(self.seen.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / self.tick)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def total(self) -> float:
+        """CPU seconds of the tree so far (every process ever seen)."""
+        self._sample()
+        return sum(self.seen.values())
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _input_uris(input_uri: str | None, count: int) -> list[str]:
@@ -70,44 +141,48 @@ def _model(args: argparse.Namespace, folder: Path) -> str:
     return str(path)
 
 
-class Clock:
-    """Times one pass over a dataset's output: total seconds (start-up included) and the steady rate
-    (rows after the first batch / time from the first batch to the last)."""
+def _forward_fill(forward_batch, status, forward_batch_size: int) -> float:
+    """Mean images per forward / forward batch size, from each row's `forward_batch` (images sharing it)."""
+    import numpy as np
 
-    def __init__(self):
-        self.started, self.first, self.last, self.rows, self.first_rows = time.monotonic(), None, None, 0, 0
-
-    def tick(self, rows: int) -> None:
-        self.last = time.monotonic()
-        if self.first is None:
-            self.first, self.first_rows = self.last, rows
-        self.rows += rows
-
-    def figures(self) -> tuple[float, float, float]:
-        """(seconds, images/s with start-up, steady images/s)."""
-        seconds = (self.last or time.monotonic()) - self.started
-        span = (self.last - self.first) if self.first is not None else 0.0
-        steady = (self.rows - self.first_rows) / span if span > 0 else float("nan")
-        return seconds, self.rows / seconds, steady
+    shared = np.asarray(forward_batch, np.float64)[np.asarray(status) == "ok"]
+    if not len(shared):
+        return float("nan")
+    forwards = (1.0 / shared).sum()
+    return float(len(shared) / forwards / forward_batch_size)
 
 
-def _timed(dataset, clock: Clock, sink=None) -> list:
-    """Iterate `dataset`, ticking `clock`; batches go to `sink` when given, else are returned as tables."""
-    import pyarrow as pa
+def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
+    """CPU seconds per image of each stage called directly in this process (no Ray), on the first slices."""
+    import numpy as np
 
-    kept = []
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        if sink is not None:
-            sink(batch)
-        else:
-            kept.append(pa.table({name: list(column) if column.dtype == object else column
-                                  for name, column in batch.items()}))
-        clock.tick(len(batch["uri"]))
-    return kept
+    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
+
+    batch = {name: np.asarray([s[name] for s in slices], dtype=object) for name in ("chunk_uri", "start", "stop")}
+    timings = {}
+    started = time.process_time()
+    rows = read_slices_batch(batch, dict(config.storage_options), config.read_retries)
+    timings["read"] = time.process_time() - started
+    decode = DecodeStage(config.infer_config(), config.max_pixels)
+    started = time.process_time()
+    rows = decode(rows)
+    timings["decode"] = time.process_time() - started
+    network = NetworkStage(model_uri, config.infer_config(), config.decoder_config(), device="cpu",
+                           precision="fp32", forward_batch_size=config.forward_batch_size, engine=config.engine,
+                           threads=max(1, int(config.network_cpus)))
+    started = time.process_time()
+    rows = network(rows)
+    timings["network"] = time.process_time() - started
+    assemble = AssembleStage(config.decoder_config(), config.pose_floor())
+    started = time.process_time()
+    rows = assemble(rows)
+    timings["assemble"] = time.process_time() - started
+    count = len(rows["uri"])
+    return {name: seconds / count for name, seconds in timings.items()} | {"_rows": rows}
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray.data
+    import numpy as np
 
     from jobs.bench.machine import describe_machine
     from pipelines import label_run, storage
@@ -117,54 +192,96 @@ def main(args: argparse.Namespace) -> int:
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
     manifest = folder / "inputs.txt"
     manifest.write_text("\n".join(_input_uris(args.input, args.images)) + "\n")
+    network_cpus = args.network_cpus if args.network_cpus is not None else 0.25 if args.null_network else 1.0
     config = LabelJobConfig(
         input=str(manifest), output=str(folder / "e2e"), model=_model(args, folder), boxsize=args.boxsize,
         scales=tuple(args.scales), flip=args.flip, mode=args.mode, device=args.device, precision=args.precision,
-        chunk_size=args.chunk_size, network_cpus=args.network_cpus, network_batch_size=args.network_batch_size,
+        chunk_size=args.chunk_size, network_cpus=network_cpus, network_batch_size=args.network_batch_size,
+        forward_batch_size=args.forward_batch_size, engine="null" if args.null_network else "torch",
         decode_actors=(1, args.decode_actors), network_actors=(1, args.network_actors),
-        assemble_actors=(1, args.assemble_actors), assemble_batch_size=args.network_batch_size,
-        progress_interval_s=1e9)
-    print(f"machine: {describe_machine()}")
-    print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'}; model {config.model}; "
-          f"boxsize {args.boxsize}, scales {args.scales}, flip {args.flip}, mode {args.mode}")
+        assemble_actors=(1, args.assemble_actors), progress_interval_s=1e9)
+    machine = describe_machine()
+    print(f"machine: {machine}")
+    print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'}; model "
+          f"{'null (stand-in)' if args.null_network else config.model}; boxsize {args.boxsize}, scales "
+          f"{args.scales}, flip {args.flip}, mode {args.mode}")
     model_uri, model_name, model_version = describe_model(config.model)
     run = {"run_id": "bench", "model_name": model_name, "model_version": model_version}
-    clocks: dict[str, Clock] = {}
+    figures: dict[str, dict] = {name: {} for name in STAGES}
+    cpu = ProcessCpu()
     with connect_ray() as resources:
-        chunks = []
+        outputs = []
         for name in ("e2e", "write-alone"):
             output = label_run.RunFolder(str(folder / name))
             count, _ = output.freeze_inputs(storage.iter_input_uris(config.input), config.chunk_size)
-            chunks.append((output, list(range(count))))
-        (e2e, pending), (write_alone, _) = chunks
+            outputs.append((output, list(range(count))))
+        (e2e, pending), (write_alone, _) = outputs
         uris = [e2e.input_chunk_uri(c) for c in pending]
-        # End to end: the job's own graph and writer (run_label_job adds only bookkeeping around them).
         writer = ChunkWriter(e2e, run, config.chunk_size, args.images, pending, progress_interval_s=1e9)
-        clocks["end-to-end"] = Clock()
-        _timed(build_dataset(config, model_uri, uris, resources), clocks["end-to-end"], writer.add)
+        rows_of = [writer.expected[c] for c in pending]
+        # End to end: the job's own graph and writer (run_label_job adds only bookkeeping around them).
+        fills, first = [], None
+        cpu_before, driver_before, started = cpu.total(), time.process_time(), time.monotonic()
+        for batch in build_dataset(config, model_uri, uris, rows_of, resources).iter_batches(
+                batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = (time.monotonic(), len(batch["uri"]))
+            writer.add(batch)
+            fills.append((batch["forward_batch"], batch["status"]))
         writer.check_done()
+        seconds = time.monotonic() - started
+        e2e_cpu, driver_cpu = cpu.total() - cpu_before, time.process_time() - driver_before
+        steady = (args.images - first[1]) / max(time.monotonic() - first[0] - (time.monotonic() - started - seconds),
+                                                1e-9)
+        forward_batch = np.concatenate([f for f, _ in fills])
+        statuses = np.concatenate([s for _, s in fills])
         # Each stage alone, fed the materialised output of the stage before it.
-        dataset = source(config, uris).materialize()
+        dataset = source(config, uris, rows_of).materialize()
         for name, apply in stages(config, model_uri, resources):
-            clocks[name] = Clock()
-            dataset = ray.data.from_arrow(_timed(apply(dataset), clocks[name]))
+            cpu_before, started = cpu.total(), time.monotonic()
+            dataset = apply(dataset).materialize()
+            elapsed = time.monotonic() - started
+            figures[name] = {"images_per_s": args.images / elapsed,
+                             "cpu_ms_per_image": 1e3 * (cpu.total() - cpu_before) / args.images}
         batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    writer = ChunkWriter(write_alone, run, config.chunk_size, args.images, pending, progress_interval_s=1e9)
-    clocks["write"] = Clock()
+    cpu.stop()
+    writer_alone = ChunkWriter(write_alone, run, config.chunk_size, args.images, pending, progress_interval_s=1e9)
+    cpu_before, started = time.process_time(), time.monotonic()
     for batch in batches:
-        writer.add(batch)
-        clocks["write"].tick(len(batch["uri"]))
-
-    print(f"{'':<14}{'seconds':>9}{'images/s':>10}{'steady images/s':>17}   (steady: after the first batch)")
-    for name, clock in clocks.items():
-        seconds, rate, steady = clock.figures()
-        label = name if name == "end-to-end" else f"{name} alone"
-        print(f"{label:<14}{seconds:>9.2f}{rate:>10.2f}{steady:>17.2f}")
-    stage_names = [name for name in clocks if name != "end-to-end"]
-    for column, title in ((1, "with start-up"), (2, "steady")):
-        slowest = min(stage_names, key=lambda name: clocks[name].figures()[column])
-        ratio = clocks["end-to-end"].figures()[column] / clocks[slowest].figures()[column]
-        print(f"{title}: end-to-end / slowest stage alone ({slowest}) = {ratio:.2f} "
-              f"(bar {BAR:.2f}: {'PASS' if ratio >= BAR else 'FAIL'})")
+        writer_alone.add(batch)
+    elapsed = time.monotonic() - started
+    figures["write"] = {"images_per_s": args.images / elapsed,
+                        "cpu_ms_per_image": 1e3 * (time.process_time() - cpu_before) / args.images,
+                        "bare_cpu_ms_per_image": 1e3 * (time.process_time() - cpu_before) / args.images}
+    slices = [{"chunk_uri": uris[0], "start": 0, "stop": min(64, rows_of[0])}]
+    bare = _bare(config, model_uri, slices)
+    for name in ("read", "decode", "network", "assemble"):
+        figures[name]["bare_cpu_ms_per_image"] = 1e3 * bare[name]
+    forward_cpu = 0.0 if args.null_network else bare["network"]
+    result = {
+        "images": args.images, "boxsize": args.boxsize, "null_network": args.null_network,
+        "end_to_end_images_per_s": steady, "end_to_end_with_startup_images_per_s": args.images / seconds,
+        "driver_cpu_ms_per_image": 1e3 * driver_cpu / args.images,
+        "cpu_ms_per_image": 1e3 * (e2e_cpu / args.images - forward_cpu),
+        "forward_batch_fill": _forward_fill(forward_batch, statuses, config.forward_batch_size),
+        "forward_batch_size": config.forward_batch_size, "stages": figures, "machine": machine,
+        "cpus": resources.get("CPU"),
+    }
+    slowest = min(("read", "decode", "network", "assemble", "write"), key=lambda n: figures[n]["images_per_s"])
+    result["slowest_stage"] = slowest
+    result["end_to_end_over_slowest"] = steady / figures[slowest]["images_per_s"]
+    print(f"{'stage':<10}{'alone images/s':>16}{'CPU ms/image in Ray':>22}{'bare CPU ms/image':>20}")
+    for name in STAGES:
+        f = figures[name]
+        print(f"{name:<10}{f['images_per_s']:>16.1f}{f['cpu_ms_per_image']:>22.2f}{f['bare_cpu_ms_per_image']:>20.2f}")
+    print(f"end to end: {steady:.1f} images/s after the first batch ({args.images / seconds:.1f} with start-up); "
+          f"driver CPU {result['driver_cpu_ms_per_image']:.3f} ms/image; all processes "
+          f"{result['cpu_ms_per_image']:.2f} ms/image; forward batch fill {result['forward_batch_fill']:.3f} "
+          f"at {config.forward_batch_size}")
+    ratio = result["end_to_end_over_slowest"]
+    print(f"end-to-end / slowest stage alone ({slowest}) = {ratio:.2f} (bar {BAR:.2f}: "
+          f"{'PASS' if ratio >= BAR else 'FAIL'})")
     print(f"scratch folder: {folder}")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
     return 0
