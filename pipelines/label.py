@@ -40,7 +40,10 @@ class LabelJobConfig:
     chunk_size: objects per committed chunk (one images and one poses part file per chunk; a kill loses at
       most the chunks in flight). *_batch_size: rows per Ray batch of each stage; each batch is one block,
       and the driver's cost is per block, so batches are large. The network stage groups its Ray batch by
-      padded shape into forwards of up to forward_batch_size images of one shape. *_actors: (min, max)
+      padded shape into forwards of up to forward_batch_size images of one shape; the larger its Ray batch,
+      the fuller the forwards (COCO photos at boxsize 512 have ~10 padded shapes: 256 rows fill forwards of
+      16 to 0.76, 1024 rows to 0.94). network_batch_size None = about 1 GiB of network inputs, at most 1024
+      rows (`network_rows`). *_actors: (min, max)
       actor pool sizes, max None = sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs
       reserved per task / actor (fractional on small machines, STACK P3).
     device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
@@ -65,7 +68,7 @@ class LabelJobConfig:
     chunk_size: int = 10_000
     read_batch_size: int = 64
     decode_batch_size: int = 64
-    network_batch_size: int = 256
+    network_batch_size: int | None = None
     forward_batch_size: int = 16
     assemble_batch_size: int = 256
     read_cpus: float = 0.25
@@ -97,7 +100,7 @@ class LabelJobConfig:
             raise ValueError(f"LabelJobConfig: device {self.device!r} not in {DEVICES} or precision "
                              f"{self.precision!r} not in {PRECISIONS}")
         if min(self.chunk_size, self.max_pixels, self.read_batch_size, self.decode_batch_size,
-               self.network_batch_size, self.forward_batch_size, self.assemble_batch_size) < 1:
+               self.network_rows(), self.forward_batch_size, self.assemble_batch_size) < 1:
             raise ValueError("LabelJobConfig: chunk_size, max_pixels and batch sizes must be >= 1")
         for name in ("decode_actors", "network_actors", "assemble_actors"):
             low, high = getattr(self, name)
@@ -118,6 +121,14 @@ class LabelJobConfig:
         from simplepose.decode import DecoderConfig
 
         return DecoderConfig(mode=self.mode)
+
+    def network_rows(self) -> int:
+        """Rows per network Ray batch: `network_batch_size`, or as many as fit ~1 GiB of uint8 inputs (a 4:3
+        image per scale), between forward_batch_size and 1024."""
+        if self.network_batch_size is not None:
+            return self.network_batch_size
+        per_image = sum(3 * (s * self.boxsize) ** 2 * 4 / 3 for s in self.scales)
+        return int(min(1024, max(self.forward_batch_size, (1 << 30) // per_image)))
 
     def pose_floor(self):
         """The output floor of the poses table (`simplepose.decode.PoseFloor`)."""

@@ -129,7 +129,7 @@ def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple
     decode = dict(fn=DecodeStage, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus,
                   compute=pool("decode"),
                   fn_constructor_kwargs={"infer_config": infer, "max_pixels": config.max_pixels})
-    network = dict(fn=NetworkStage, batch_size=config.network_batch_size, compute=pool("network"),
+    network = dict(fn=NetworkStage, batch_size=config.network_rows(), compute=pool("network"),
                    **network_resources,
                    fn_constructor_kwargs={"model_uri": model_uri, "infer_config": infer, "decoder_config": decoder,
                                           "device": device, "precision": config.precision,

@@ -242,3 +242,66 @@ def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monk
     registry.register_checkpoint(client, name, run_id, alias="champion")
     assert describe_model(f"models:/{name}@champion") == (f"models:/{name}/1", name, "1")
     assert load_model(f"models:/{name}/1").training is False
+
+
+def test_cuda_on_a_cluster_without_gpus_fails_at_once():
+    from pipelines.label_ray import resolve_device
+
+    config = LabelJobConfig(input="a", output="b", model="c", device="cuda")
+    with pytest.raises(ValueError, match="no GPUs"):
+        resolve_device(config, {"CPU": 8.0})
+    assert resolve_device(LabelJobConfig(input="a", output="b", model="c"), {"CPU": 8.0}) == "cpu"
+    assert resolve_device(LabelJobConfig(input="a", output="b", model="c"), {"CPU": 8.0, "GPU": 2.0}) == "cuda"
+
+
+def test_pools_are_sized_from_the_cluster():
+    from pipelines.label_ray import pool_sizes
+
+    config = LabelJobConfig(input="a", output="b", model="c")
+    gpu = pool_sizes(config, {"CPU": 32.0, "GPU": 4.0}, "cuda")
+    assert gpu["network"] == (1, 4)  # one actor per GPU
+    # 32 CPUs - 4 network actors - 0.25 read = 27.75 free: 15 % to assembly, the rest to decoding
+    assert gpu["assemble"] == (1, int(27.75 * 0.15 / 0.25)) and gpu["decode"] == (1, int((27.75 - 0.25) / 0.5))
+    small = pool_sizes(config, {"CPU": 2.0}, "cpu")
+    assert small == {"decode": (1, 1), "network": (1, 1), "assemble": (1, 1)}
+    fixed = LabelJobConfig(input="a", output="b", model="c", decode_actors=(2, 3))
+    assert pool_sizes(fixed, {"CPU": 64.0}, "cpu")["decode"] == (2, 3)
+
+
+def test_network_batch_is_sized_by_bytes():
+    assert LabelJobConfig(input="a", output="b", model="c", boxsize=512).network_rows() == 1024
+    five = LabelJobConfig(input="a", output="b", model="c", boxsize=512, scales=(0.5, 1, 1.5, 2, 3))
+    assert 16 <= five.network_rows() < 100  # ~17 MB of inputs per image
+    assert LabelJobConfig(input="a", output="b", model="c", network_batch_size=7).network_rows() == 7
+
+
+def test_network_stage_groups_by_shape_into_full_forwards(tiny_checkpoint):
+    """Only equal padded shapes share a forward; each row says how many images shared its forward; the
+    candidates equal one-by-one runs (torch engine) and the null engine groups the same way."""
+    import pickle
+
+    from pipelines.label_stages import NetworkStage, pack_inputs
+    from simplepose.infer import ScaleInput
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 64)] * 5 + [(64, 128)] * 3
+    inputs = [[ScaleInput(rng.integers(0, 255, (*shape, 3), dtype=np.uint8), 1.0, shape, shape)] for shape in shapes]
+    n = len(shapes)
+    batch = {"input_index": np.arange(n), "image_id": np.arange(n).astype(str).astype(object),
+             "uri": np.arange(n).astype(str).astype(object), "status": np.full(n, "ok", dtype=object),
+             "error": np.full(n, "", dtype=object), "size_bytes": np.zeros(n, np.int64),
+             "width": np.array([s[1] for s in shapes]), "height": np.array([s[0] for s in shapes]),
+             **pack_inputs(inputs, scales=1)}
+    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
+    stage = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config(), forward_batch_size=4)
+    out = stage(batch)
+    assert out["forward_batch"].tolist() == [4, 4, 4, 4, 1, 3, 3, 3]
+    assert (stage.forwards, stage.images_forwarded) == (3, 8)
+    alone = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config(), forward_batch_size=1)
+    single = alone({name: column[[6]] for name, column in batch.items()})
+    together, apart = pickle.loads(out["candidates"][6]), pickle.loads(single["candidates"][0])
+    np.testing.assert_allclose(together.xy, apart.xy, atol=1e-4)
+    null = NetworkStage("unused", config.infer_config(), config.decoder_config(), forward_batch_size=4, engine="null")
+    out = null(batch)
+    assert out["forward_batch"].tolist() == [4, 4, 4, 4, 1, 3, 3, 3]
+    assert len(pickle.loads(out["candidates"][0]).types) > 20  # realistic candidates, not an empty stand-in

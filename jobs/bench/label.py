@@ -34,9 +34,11 @@ STAGES = ("read", "decode", "network", "assemble", "write")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", default=None,
                         help="images (prefix/glob/manifest, any URI); default: shared coco-mini train2017")
-    parser.add_argument("--images", type=int, default=1024, help="objects to label (the input is cycled)")
+    parser.add_argument("--images", type=int, default=4096, help="objects to label (the input is cycled)")
     parser.add_argument("--model", default=None, help="checkpoint URI (default: a random IMHN of --stacks/"
                                                        "--width/--increase, saved to a temporary file)")
+    parser.add_argument("--small-images", type=int, default=256,
+                        help="objects of the second, smaller run whose figures are subtracted (start-up cancels)")
     parser.add_argument("--null-network", action="store_true",
                         help="replace the network by an instant stand-in: time the CPU path and the driver only")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
@@ -53,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=10_000, help="objects per committed chunk")
     parser.add_argument("--network-cpus", type=float, default=None,
                         help="CPUs per network actor (default 1, or 0.25 with --null-network)")
-    parser.add_argument("--network-batch-size", type=int, default=256, help="rows per network Ray batch")
+    parser.add_argument("--network-batch-size", type=int, default=None,
+                        help="rows per network Ray batch (default: the job's)")
     parser.add_argument("--forward-batch-size", type=int, default=16, help="images per network forward")
     parser.add_argument("--decode-actors", type=int, default=None,
                         help="max decode actors (default: sized from the cluster)")
@@ -69,6 +72,8 @@ class ProcessCpu:
     def __init__(self, interval_s: float = 0.2):
         self.tick = os.sysconf("SC_CLK_TCK")
         self.seen: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}
+        self.sampler_cpu = 0.0
         self.interval = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -103,11 +108,36 @@ class ProcessCpu:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+            self.sampler_cpu = time.thread_time()  # this thread's own CPU: not the driver's work
 
     def total(self) -> float:
         """CPU seconds of the tree so far (every process ever seen)."""
         self._sample()
         return sum(self.seen.values())
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds so far per kind of process: driver, raylet, gcs, workers, other."""
+        self._sample()
+        kinds: dict[str, float] = {}
+        for pid, seconds in self.seen.items():
+            kind = self.kinds.get(pid) or self._kind(pid)
+            self.kinds[pid] = kind
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+        return kinds
+
+    def _kind(self, pid: int) -> str:
+        if pid == os.getpid():
+            return "driver"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "other"
+        for kind, marker in (("raylet", "raylet"), ("gcs", "gcs_server"), ("workers", "default_worker"),
+                             ("workers", "ray::")):
+            if marker in command:
+                return kind
+        return f"other ({os.path.basename(command.split(' ', 1)[0])})"
 
     def stop(self) -> None:
         self._stop.set()
@@ -181,6 +211,36 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     return {name: seconds / count for name, seconds in timings.items()} | {"_rows": rows}
 
 
+class Measure:
+    """Wall seconds, CPU seconds per kind of process and the driver's own CPU of one timed block."""
+
+    def __init__(self, cpu: ProcessCpu):
+        self.cpu = cpu
+
+    def __enter__(self):
+        self.started, self.kinds = time.monotonic(), self.cpu.by_kind()
+        self.driver = time.process_time() - self.cpu.sampler_cpu
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.monotonic() - self.started
+        after = self.cpu.by_kind()
+        self.driver = time.process_time() - self.cpu.sampler_cpu - self.driver
+        self.kinds = {kind: after.get(kind, 0.0) - self.kinds.get(kind, 0.0) for kind in after}
+        self.kinds["driver"] = self.driver  # without the sampling thread's own CPU
+
+
+def _per_image(big: Measure, small: Measure, images: int) -> dict:
+    """Figures of the `images` more that the big run did than the small one: start-up (actor pools, model
+    loading, worker processes) costs both runs the same and cancels out."""
+    seconds = big.seconds - small.seconds
+    kinds = {kind: 1e3 * (big.kinds.get(kind, 0.0) - small.kinds.get(kind, 0.0)) / images
+             for kind in sorted(set(big.kinds) | set(small.kinds))}
+    return {"images_per_s": images / seconds if seconds > 0 else float("nan"),
+            "cpu_ms_per_image": sum(kinds.values()), "cpu_ms_per_image_by_process": kinds,
+            "driver_cpu_ms_per_image": 1e3 * (big.driver - small.driver) / images}
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -190,11 +250,11 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.label_ray import build_dataset, connect_ray, source, stages
 
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
-    manifest = folder / "inputs.txt"
-    manifest.write_text("\n".join(_input_uris(args.input, args.images)) + "\n")
+    uris = _input_uris(args.input, args.images)
+    small_count = max(1, min(args.small_images, args.images // 4))
     network_cpus = args.network_cpus if args.network_cpus is not None else 0.25 if args.null_network else 1.0
     config = LabelJobConfig(
-        input=str(manifest), output=str(folder / "e2e"), model=_model(args, folder), boxsize=args.boxsize,
+        input="unused", output=str(folder), model=_model(args, folder), boxsize=args.boxsize,
         scales=tuple(args.scales), flip=args.flip, mode=args.mode, device=args.device, precision=args.precision,
         chunk_size=args.chunk_size, network_cpus=network_cpus, network_batch_size=args.network_batch_size,
         forward_batch_size=args.forward_batch_size, engine="null" if args.null_network else "torch",
@@ -202,82 +262,88 @@ def main(args: argparse.Namespace) -> int:
         assemble_actors=(1, args.assemble_actors), progress_interval_s=1e9)
     machine = describe_machine()
     print(f"machine: {machine}")
-    print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'}; model "
+    print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'} (and a {small_count}-object "
+          f"run whose figures are subtracted: start-up cancels out); model "
           f"{'null (stand-in)' if args.null_network else config.model}; boxsize {args.boxsize}, scales "
           f"{args.scales}, flip {args.flip}, mode {args.mode}")
     model_uri, model_name, model_version = describe_model(config.model)
     run = {"run_id": "bench", "model_name": model_name, "model_version": model_version}
-    figures: dict[str, dict] = {name: {} for name in STAGES}
+
+    def frozen(name: str, count: int):
+        manifest = folder / f"{name}.txt"
+        manifest.write_text("\n".join(uris[:count]) + "\n")
+        output = label_run.RunFolder(str(folder / name))
+        chunks, _ = output.freeze_inputs(storage.iter_input_uris(str(manifest)), config.chunk_size)
+        rows = [min(config.chunk_size, count - c * config.chunk_size) for c in range(chunks)]
+        return output, [output.input_chunk_uri(c) for c in range(chunks)], rows
+
     cpu = ProcessCpu()
+    results: dict[str, dict] = {}
     with connect_ray() as resources:
-        outputs = []
-        for name in ("e2e", "write-alone"):
-            output = label_run.RunFolder(str(folder / name))
-            count, _ = output.freeze_inputs(storage.iter_input_uris(config.input), config.chunk_size)
-            outputs.append((output, list(range(count))))
-        (e2e, pending), (write_alone, _) = outputs
-        uris = [e2e.input_chunk_uri(c) for c in pending]
-        writer = ChunkWriter(e2e, run, config.chunk_size, args.images, pending, progress_interval_s=1e9)
-        rows_of = [writer.expected[c] for c in pending]
-        # End to end: the job's own graph and writer (run_label_job adds only bookkeeping around them).
-        fills, first = [], None
-        cpu_before, driver_before, started = cpu.total(), time.process_time(), time.monotonic()
-        for batch in build_dataset(config, model_uri, uris, rows_of, resources).iter_batches(
-                batch_size=None, batch_format="numpy"):
-            if first is None:
-                first = (time.monotonic(), len(batch["uri"]))
-            writer.add(batch)
-            fills.append((batch["forward_batch"], batch["status"]))
-        writer.check_done()
-        seconds = time.monotonic() - started
-        e2e_cpu, driver_cpu = cpu.total() - cpu_before, time.process_time() - driver_before
-        steady = (args.images - first[1]) / max(time.monotonic() - first[0] - (time.monotonic() - started - seconds),
-                                                1e-9)
-        forward_batch = np.concatenate([f for f, _ in fills])
-        statuses = np.concatenate([s for _, s in fills])
-        # Each stage alone, fed the materialised output of the stage before it.
-        dataset = source(config, uris, rows_of).materialize()
+        runs = {}
+        for name, count in (("small", small_count), ("big", args.images)):
+            output, chunk_uris, rows_of = frozen(name, count)
+            writer = ChunkWriter(output, run, config.chunk_size, count, list(range(len(rows_of))), 1e9)
+            fills = []
+            # End to end: the job's own graph and writer (run_label_job adds only bookkeeping around them).
+            with Measure(cpu) as measured:
+                for batch in build_dataset(config, model_uri, chunk_uris, rows_of, resources).iter_batches(
+                        batch_size=None, batch_format="numpy"):
+                    writer.add(batch)
+                    fills.append((batch["forward_batch"], batch["status"]))
+                writer.check_done()
+            runs[name] = (measured, chunk_uris, rows_of, fills)
+        extra = args.images - small_count
+        end_to_end = _per_image(runs["big"][0], runs["small"][0], extra)
+        forward_batch = np.concatenate([f for f, _ in runs["big"][3]])
+        statuses = np.concatenate([s for _, s in runs["big"][3]])
+        # Each stage alone, fed the materialised output of the stage before it (small and big runs again).
+        inputs = {name: source(config, runs[name][1], runs[name][2]).materialize() for name in runs}
         for name, apply in stages(config, model_uri, resources):
-            cpu_before, started = cpu.total(), time.monotonic()
-            dataset = apply(dataset).materialize()
-            elapsed = time.monotonic() - started
-            figures[name] = {"images_per_s": args.images / elapsed,
-                             "cpu_ms_per_image": 1e3 * (cpu.total() - cpu_before) / args.images}
-        batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+            measures = {}
+            for size in ("small", "big"):
+                with Measure(cpu) as measures[size]:
+                    inputs[size] = apply(inputs[size]).materialize()
+            results[name] = _per_image(measures["big"], measures["small"], extra)
+        batches = list(inputs["big"].iter_batches(batch_size=None, batch_format="numpy"))
     cpu.stop()
-    writer_alone = ChunkWriter(write_alone, run, config.chunk_size, args.images, pending, progress_interval_s=1e9)
-    cpu_before, started = time.process_time(), time.monotonic()
+    output, _, rows_of = frozen("write-alone", args.images)
+    writer = ChunkWriter(output, run, config.chunk_size, args.images, list(range(len(rows_of))), 1e9)
+    started, cpu_started = time.monotonic(), time.process_time()
     for batch in batches:
-        writer_alone.add(batch)
-    elapsed = time.monotonic() - started
-    figures["write"] = {"images_per_s": args.images / elapsed,
-                        "cpu_ms_per_image": 1e3 * (time.process_time() - cpu_before) / args.images,
-                        "bare_cpu_ms_per_image": 1e3 * (time.process_time() - cpu_before) / args.images}
-    slices = [{"chunk_uri": uris[0], "start": 0, "stop": min(64, rows_of[0])}]
-    bare = _bare(config, model_uri, slices)
+        writer.add(batch)
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
+    results["write"] = {"images_per_s": args.images / seconds, "cpu_ms_per_image": 1e3 * cpu_seconds / args.images}
+    bare = _bare(config, model_uri, [{"chunk_uri": runs["big"][1][0], "start": 0,
+                                      "stop": min(64, runs["big"][2][0])}])
     for name in ("read", "decode", "network", "assemble"):
-        figures[name]["bare_cpu_ms_per_image"] = 1e3 * bare[name]
-    forward_cpu = 0.0 if args.null_network else bare["network"]
+        results[name]["bare_cpu_ms_per_image"] = 1e3 * bare[name]
+    results["write"]["bare_cpu_ms_per_image"] = results["write"]["cpu_ms_per_image"]
+    forward_cpu_ms = 0.0 if args.null_network else 1e3 * bare["network"]
+    slowest = min(STAGES, key=lambda n: results[n]["images_per_s"])
     result = {
-        "images": args.images, "boxsize": args.boxsize, "null_network": args.null_network,
-        "end_to_end_images_per_s": steady, "end_to_end_with_startup_images_per_s": args.images / seconds,
-        "driver_cpu_ms_per_image": 1e3 * driver_cpu / args.images,
-        "cpu_ms_per_image": 1e3 * (e2e_cpu / args.images - forward_cpu),
+        "images": args.images, "small_images": small_count, "boxsize": args.boxsize,
+        "null_network": args.null_network, "end_to_end_images_per_s": end_to_end["images_per_s"],
+        "end_to_end_with_startup_images_per_s": args.images / runs["big"][0].seconds,
+        "driver_cpu_ms_per_image": end_to_end["driver_cpu_ms_per_image"],
+        "cpu_ms_per_image": end_to_end["cpu_ms_per_image"] - forward_cpu_ms,
+        "cpu_ms_per_image_by_process": end_to_end["cpu_ms_per_image_by_process"],
         "forward_batch_fill": _forward_fill(forward_batch, statuses, config.forward_batch_size),
-        "forward_batch_size": config.forward_batch_size, "stages": figures, "machine": machine,
-        "cpus": resources.get("CPU"),
+        "forward_batch_size": config.forward_batch_size, "network_batch_size": config.network_rows(),
+        "stages": results, "slowest_stage": slowest,
+        "end_to_end_over_slowest": end_to_end["images_per_s"] / results[slowest]["images_per_s"],
+        "machine": machine, "cpus": resources.get("CPU"),
     }
-    slowest = min(("read", "decode", "network", "assemble", "write"), key=lambda n: figures[n]["images_per_s"])
-    result["slowest_stage"] = slowest
-    result["end_to_end_over_slowest"] = steady / figures[slowest]["images_per_s"]
     print(f"{'stage':<10}{'alone images/s':>16}{'CPU ms/image in Ray':>22}{'bare CPU ms/image':>20}")
     for name in STAGES:
-        f = figures[name]
+        f = results[name]
         print(f"{name:<10}{f['images_per_s']:>16.1f}{f['cpu_ms_per_image']:>22.2f}{f['bare_cpu_ms_per_image']:>20.2f}")
-    print(f"end to end: {steady:.1f} images/s after the first batch ({args.images / seconds:.1f} with start-up); "
-          f"driver CPU {result['driver_cpu_ms_per_image']:.3f} ms/image; all processes "
-          f"{result['cpu_ms_per_image']:.2f} ms/image; forward batch fill {result['forward_batch_fill']:.3f} "
-          f"at {config.forward_batch_size}")
+    by_process = ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_ms_per_image_by_process"].items())
+    print(f"end to end: {result['end_to_end_images_per_s']:.1f} images/s "
+          f"({result['end_to_end_with_startup_images_per_s']:.1f} with start-up); driver CPU "
+          f"{result['driver_cpu_ms_per_image']:.3f} ms/image; all processes {result['cpu_ms_per_image']:.2f} "
+          f"ms/image ({by_process}); forward batch fill {result['forward_batch_fill']:.3f} at "
+          f"{config.forward_batch_size}")
     ratio = result["end_to_end_over_slowest"]
     print(f"end-to-end / slowest stage alone ({slowest}) = {ratio:.2f} (bar {BAR:.2f}: "
           f"{'PASS' if ratio >= BAR else 'FAIL'})")
