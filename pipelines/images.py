@@ -19,13 +19,17 @@ ones (OpenCV drops alpha without compositing) and anything OpenCV rejects, so Pi
 reason when both fail. A truncated JPEG (no end-of-image marker) is a ``decode_error``: OpenCV 5 rejects
 it and Pillow reports "image file is truncated". Known limit: corrupt entropy-coded bytes in the middle
 of a complete JPEG are resynchronised by libjpeg (a warning on stderr) and decode, with garbled blocks,
-as ``ok``; detecting them would cost a second, strict decode of every image.
+as ``ok``; detecting them would cost a second, strict decode of every image. A header declaring a zero
+width or height is a ``decode_error``. A PNG whose chunks do not all lie within the data goes to Pillow,
+not OpenCV (whose reader allocates a corrupt chunk length's worth of memory first).
+tests/test_fuzz_images.py fuzzes all of this (time, memory and never raising).
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import logging
+import struct
 import types
 import warnings
 
@@ -95,9 +99,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
                  background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
     """Decode encoded image bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, ...) to uint8 BGR; never raises on bad data.
 
-    max_pixels: refuse images whose header declares more than this many pixels (width * height). Pillow
-      refuses headers above 2 * PIL.Image.MAX_IMAGE_PIXELS (178 956 970 by default) by itself: those are
-      too_large whatever max_pixels says, with width and height 0 (Pillow does not report them).
+    max_pixels: refuse images whose header declares more than this many pixels (width * height): status
+      too_large, width and height from the header, the reason quoting max_pixels (`--max-pixels`).
+      Pillow's own limit (`PIL.Image.MAX_IMAGE_PIXELS`) is not used, so max_pixels may exceed it.
     background: BGR colour (0-255) that transparent pixels are composited over.
     Raises TypeError/ValueError only for invalid arguments (not bytes-like, max_pixels < 1, bad background).
     """
@@ -110,30 +114,103 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
     data = bytes(data)
     if not data:
         return DecodedImage.failure("empty", "the object has 0 bytes")
+    with warnings.catch_warnings():  # Pillow warns on corrupt EXIF etc.; under `-W error` that would raise
+        warnings.simplefilter("ignore")
+        return _decode(data, int(max_pixels), background)
 
+
+def _decode(data: bytes, max_pixels: int, background: tuple[int, int, int]) -> DecodedImage:
+    """`decode_image` after its argument checks, for non-empty bytes."""
     try:  # Pillow reads only the header here: size, mode and format, no pixels.
-        with warnings.catch_warnings():  # its DecompressionBombWarning is noise: max_pixels is checked below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # Pillow's own hard limit (2 * MAX_IMAGE_PIXELS) hit first
-        return DecodedImage.failure("too_large", f"Pillow: {exc}")
+        header = _open_header(data)
+    except _PillowLimit as exc:  # a plugin refused a size above Pillow's hard limit before reporting it
+        return DecodedImage.failure("too_large", f"header declares more than {exc} pixels > max_pixels "
+                                    f"{max_pixels} (--max-pixels)")
     except Exception as exc:  # untrusted bytes: any failure to identify them is data, not a crash
         LOG.debug("unidentified image (%s: %s)", type(exc).__name__, exc)
         return DecodedImage.failure("decode_error", f"not a recognised image format (starts with {data[:16]!r})")
     width, height, fmt = header.width, header.height, header.format or ""
+    if width < 1 or height < 1:
+        return DecodedImage.failure("decode_error", f"{fmt} header declares a {width}x{height} image (no pixels)",
+                                    max(width, 0), max(height, 0), fmt)
     if width * height > max_pixels:
         return DecodedImage.failure("too_large", f"{fmt} header declares {width}x{height} = {width * height} "
-                                    f"pixels > max_pixels {max_pixels}", width, height, fmt)
+                                    f"pixels > max_pixels {max_pixels} (--max-pixels)", width, height, fmt)
 
     transparent = header.mode in _ALPHA_MODES or "transparency" in header.info
-    image = None if transparent else _decode_with_opencv(data)
+    image = None if transparent or not _safe_for_opencv(data, fmt) else _decode_with_opencv(data)
     if image is None:
         try:
             image = _decode_with_pillow(header, background)
         except Exception as exc:  # any decoder failure on untrusted bytes is reported, never raised
             return DecodedImage.failure("decode_error", f"{fmt} data is corrupt or truncated: "
                                         f"{type(exc).__name__}: {exc}", width, height, fmt)
-    return DecodedImage(image, "ok", "", image.shape[1], image.shape[0], fmt)
+    decoded_height, decoded_width = image.shape[:2]
+    if decoded_width * decoded_height > max_pixels:  # a decoder read another size than Pillow's header
+        return DecodedImage.failure("too_large", f"{fmt} data decodes to {decoded_width}x{decoded_height} = "
+                                    f"{decoded_width * decoded_height} pixels > max_pixels {max_pixels} "
+                                    "(--max-pixels)", decoded_width, decoded_height, fmt)
+    if decoded_width < 1 or decoded_height < 1:
+        return DecodedImage.failure("decode_error", f"{fmt} data decodes to an image without pixels",
+                                    width, height, fmt)
+    return DecodedImage(image, "ok", "", decoded_width, decoded_height, fmt)
+
+
+class _PillowLimit(Exception):
+    """A Pillow plugin refused a declared size above its hard limit without reporting the size."""
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Pillow's lazy open (header only) without Pillow's own pixel limit, which `max_pixels` replaces.
+
+    `Image.open` refuses headers above 2 * `Image.MAX_IMAGE_PIXELS` without saying their size; for those
+    the plugins are tried directly, as `Image.open` does, so width and height are known for `too_large`.
+    Changing `Image.MAX_IMAGE_PIXELS` instead would lift the limit for every thread of the process.
+    """
+    try:  # (the caller ignores warnings: DecompressionBombWarning is noise, max_pixels is checked after)
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        pass
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        verdict = not accept or accept(prefix)
+        if not verdict or isinstance(verdict, str):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except Image.DecompressionBombError:  # the plugin checks the size itself (GIF frames...)
+            raise _PillowLimit(2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: as Image.open does
+            continue
+    raise Image.UnidentifiedImageError("no Pillow plugin accepts the data")
+
+
+_PNG_MAX_CHUNKS_CHECKED = 1 << 16
+
+
+def _safe_for_opencv(data: bytes, fmt: str) -> bool:
+    """False for inputs that make OpenCV allocate what a corrupt field declares instead of the image size.
+
+    OpenCV 5's PNG reader allocates (and fills) a buffer of a chunk's declared length before noticing
+    that the data ends first: one corrupt length byte makes a 400-byte file cost 2.3 GB and a second.
+    A PNG is passed to OpenCV only when every chunk up to IEND lies within the data; others go to Pillow,
+    which reads chunks in bounded blocks (and reports the truncation).
+    """
+    if fmt != "PNG":
+        return True
+    position, size = 8, len(data)
+    for _ in range(_PNG_MAX_CHUNKS_CHECKED):
+        if position + 12 > size:
+            return False
+        end = position + 12 + int.from_bytes(data[position:position + 4], "big")
+        if end > size:
+            return False
+        if data[position + 4:position + 8] == b"IEND":
+            return True
+        position = end
+    return False  # tens of thousands of chunks: not worth walking, Pillow decodes it
 
 
 def _decode_with_opencv(data: bytes) -> np.ndarray | None:

@@ -7,6 +7,7 @@ or from explicit `storage_options`; they are never logged: use `redact` before s
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 LOG = logging.getLogger(__name__)
 
@@ -68,18 +69,35 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_SUFFIXES)
 
 
-def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None = None
-                    ) -> Iterator[tuple[str, str]]:
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is; the message names the manifest and the line (or row)."""
+
+
+LOCAL_PROTOCOLS = ("file", "local")
+"""Protocols that read the disk of the machine running the job."""
+
+
+def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None = None, *,
+                    allow_local: bool = False) -> Iterator[tuple[str, str]]:
     """Yield (image_id, uri) for every input object, in a deterministic order.
 
     input_uri: a manifest (see `MANIFEST_SUFFIXES`; streamed, never loaded whole), a glob (`*`, `?`, `[`), a
     single object, or a prefix (every object below it, sorted, names starting with `_` or `.` skipped).
     image_id: the manifest's `image_id` column when it has one, else the object path relative to the
     prefix or glob root (the full URI for manifests), so ids are unique within a run.
+
+    Manifest rules (docs/tables.md, "Inputs and manifests"): blank lines and cells are skipped (and `#`
+    comment lines of text manifests); a relative path is relative to the manifest's folder; a duplicate
+    URI (after that resolution) keeps its first occurrence, later ones are dropped with one warning that
+    counts them; an `image_id` given twice for different URIs, bytes that are not UTF-8, and a local path
+    or `file://` URI in a manifest on another storage (unless `allow_local`) raise `ManifestError`
+    naming the manifest and the line (or Parquet row); so does a manifest without any object.
+    allow_local: let a manifest on an object store name local paths (the workers' own disks); the CLI
+    flag `--allow-local-paths`. Manifests on the local file system may always name local paths.
     """
     fs, path = filesystem(input_uri, storage_options)
     if is_manifest(input_uri):
-        yield from _iter_manifest(fs, path)
+        yield from _iter_manifest(fs, path, input_uri, allow_local)
         return
     if any(ch in path for ch in "*?["):
         root = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
@@ -96,34 +114,154 @@ def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None
         yield rel, unstrip(fs, p)
 
 
-def _iter_manifest(fs, path: str) -> Iterator[tuple[str, str]]:
+def _iter_manifest(fs, path: str, manifest_uri: str, allow_local: bool) -> Iterator[tuple[str, str]]:
+    """The manifest's entries resolved, checked and deduplicated (see `iter_input_uris`)."""
+    resolve = _EntryResolver(fs, path, manifest_uri, allow_local)
+    seen_uris: set[bytes] = set()
+    seen_ids: set[bytes] = set()
+    objects = duplicates = 0
+    first_duplicate = ""
+    for where, image_id, entry in _manifest_entries(fs, path, manifest_uri):
+        uri = resolve(entry, where)
+        key = _digest(uri)
+        if key in seen_uris:
+            duplicates += 1
+            first_duplicate = first_duplicate or f"{where} ({uri})"
+            continue
+        seen_uris.add(key)
+        if image_id is None:
+            image_id = uri
+        else:
+            id_key = _digest(image_id)
+            if id_key in seen_ids:
+                raise ManifestError(f"manifest {manifest_uri} {where}: image_id {image_id!r} was given before "
+                                    f"for another URI; image ids must be unique")
+            seen_ids.add(id_key)
+        objects += 1
+        yield image_id, uri
+    if duplicates:
+        LOG.warning("manifest %s: %d duplicate URIs dropped (the first occurrence of each is kept; first "
+                    "duplicate at %s)", manifest_uri, duplicates, first_duplicate)
+    if not objects:
+        raise ManifestError(f"manifest {manifest_uri}: no objects (only a header, blank lines or comments)")
+
+
+def _digest(text: str) -> bytes:
+    """16 bytes standing for `text` in the duplicate checks (a set of millions of them stays small)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class _EntryResolver:
+    """One manifest entry to a full URI: relative paths against the manifest's folder, local ones checked."""
+
+    def __init__(self, fs, path: str, manifest_uri: str, allow_local: bool):
+        self.fs, self.manifest_uri, self.allow_local = fs, manifest_uri, allow_local
+        self.folder = posixpath.dirname(path)
+        self.local_manifest = _is_local(fs)
+        self.bucket = "" if self.local_manifest else path.split("/", 1)[0]
+
+    def __call__(self, entry: str, where: str) -> str:
+        if "://" in entry or "::" in entry:  # a URI (or a chained one, e.g. simplecache::s3://...)
+            protocols = [_protocol(part) for part in entry.split("::")]
+            if any(p is None or p in LOCAL_PROTOCOLS for p in protocols):
+                self._check_local(entry, where)
+            return entry
+        if entry.startswith("/"):  # an absolute local path
+            self._check_local(entry, where)
+            return entry if not self.local_manifest else self.fs.unstrip_protocol(posixpath.normpath(entry))
+        resolved = posixpath.normpath(posixpath.join(self.folder, entry))
+        if resolved.startswith("..") or (self.bucket and not resolved.startswith(self.bucket + "/")):
+            raise ManifestError(f"manifest {self.manifest_uri} {where}: relative path {entry!r} leaves the "
+                                f"manifest's {'bucket' if self.bucket else 'file system root'}")
+        return self.fs.unstrip_protocol(resolved)
+
+    def _check_local(self, entry: str, where: str) -> None:
+        if not self.local_manifest and not self.allow_local:
+            raise ManifestError(
+                f"manifest {self.manifest_uri} {where}: {entry!r} is a path on the workers' local disk, but "
+                "the manifest is on another storage; use a full URI (s3://...), or allow local paths "
+                "explicitly (allow_local=True, --allow-local-paths)")
+
+
+def _protocol(part: str) -> str | None:
+    """The protocol of one part of a (chained) URL: `s3` for `s3://b/k`, `simplecache` for `simplecache`,
+    None for a plain path."""
+    protocol = split_protocol(part)[0]
+    if protocol is None and part and "/" not in part and all(c.isalnum() or c in "+-._" for c in part):
+        return part
+    return protocol
+
+
+def _is_local(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(p in LOCAL_PROTOCOLS for p in protocols)
+
+
+def _manifest_entries(fs, path: str, manifest_uri: str) -> Iterator[tuple[str, str | None, str]]:
+    """(where, image_id or None, entry) per non-blank entry; where is "line N" or "row N" (1-based)."""
     lower = path.lower()
     if lower.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
+            if not names:
+                raise ManifestError(f"manifest {manifest_uri}: a Parquet file without columns")
             column = next((c for c in MANIFEST_URI_COLUMNS if c in names), names[0])
             columns = [column] + (["image_id"] if "image_id" in names and column != "image_id" else [])
+            row = 0
             for batch in parquet.iter_batches(columns=columns, batch_size=65536):
                 uris = batch.column(column).to_pylist()
-                ids = batch.column("image_id").to_pylist() if len(columns) == 2 else uris
-                yield from ((str(i), u) for i, u in zip(ids, uris) if u)
+                ids = batch.column("image_id").to_pylist() if len(columns) == 2 else [None] * len(uris)
+                for image_id, uri in zip(ids, uris):
+                    row += 1
+                    where = f"row {row}"
+                    uri = _cell_text(uri, manifest_uri, where)
+                    if uri:
+                        yield where, _cell_text(image_id, manifest_uri, where) or None, uri
     elif lower.endswith(".csv"):
-        with fs.open(path, "rt", newline="") as f:
-            reader = csv.DictReader(f)
-            names = reader.fieldnames or []
-            if not names:
-                raise ValueError(f"manifest {path}: empty CSV (expected a header with a 'uri' column)")
-            column = next((c for c in MANIFEST_URI_COLUMNS if c in names), names[0])
-            for row in reader:
-                if row[column]:
-                    yield str(row.get("image_id") or row[column]), row[column].strip()
+        with fs.open(path, "rb") as f:
+            lines = _utf8_lines(f, manifest_uri)
+            reader = csv.reader(lines)
+            names = next(reader, None)
+            if not names or not any(n.strip() for n in names):
+                raise ManifestError(f"manifest {manifest_uri}: empty CSV (expected a header with a 'uri' column)")
+            names = [n.strip() for n in names]
+            column = names.index(next((c for c in MANIFEST_URI_COLUMNS if c in names), names[0]))
+            id_column = names.index("image_id") if "image_id" in names and names[column] != "image_id" else None
+            for cells in reader:
+                uri = cells[column].strip() if column < len(cells) else ""
+                if uri:
+                    image_id = cells[id_column].strip() if id_column is not None and id_column < len(cells) else ""
+                    yield f"line {reader.line_num}", image_id or None, uri
     else:
-        with fs.open(path, "rt") as f:
-            for line in f:
+        with fs.open(path, "rb") as f:
+            for number, line in enumerate(_utf8_lines(f, manifest_uri), 1):
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    yield line, line
+                    yield f"line {number}", None, line
+
+
+def _cell_text(value: object, manifest_uri: str, where: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest {manifest_uri} {where}: not UTF-8 text ({exc.reason} at byte "
+                                f"{exc.start}: {value[:80]!r})") from None
+    return str(value).strip()
+
+
+def _utf8_lines(f, manifest_uri: str) -> Iterator[str]:
+    """The lines of a binary file as text (a UTF-8 byte order mark dropped); a clear error on other bytes."""
+    for number, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest {manifest_uri} line {number}: not UTF-8 text ({exc.reason} at byte "
+                                f"{exc.start} of the line: {raw[:80]!r})") from None
+        yield line[1:] if number == 1 and line.startswith("\ufeff") else line
 
 
 # Errors that retrying cannot fix; everything else from a store (timeouts, 5xx, throttling, connection
