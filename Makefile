@@ -27,3 +27,10 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# One-shot GPU check (docs/benchmarks.md, "One-shot GPU check"): on a bare machine with an NVIDIA GPU, with that
+# machine's own python3 and torch (no venv, no install); at most 8 minutes; the last stdout line is one JSON object.
+# GPU_CHECK_ARGS: e.g. --budget-s 300, --data DIR, --wheels DIR, --out FILE; --smoke runs it on a CPU.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
