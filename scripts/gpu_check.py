@@ -52,7 +52,7 @@ SHARES = {"env": 0.01, "network": 0.36, "precision": 0.03, "label_stage": 0.10, 
 
 FULL = {
     "device": "cuda", "network_size": 512, "network_batches": [1, 8, 32], "network_iters": 10,
-    "model": RELEASED, "stage_boxsize": 512, "stage_images": 320, "stage_ray_batch": 256,
+    "model": RELEASED, "stage_boxsize": 512, "stage_images": 640, "stage_ray_batch": 256,
     "stage_forward_batch": 16, "train_size": 384, "train_batch": 16, "train_steps": 50,
     "learn_model": {"stacks": 2, "width": 128, "increase": 64}, "learn_crop": 256, "learn_batch": 16,
     "learn_max_s": 240.0, "learn_max_steps": 0, "learn_boxsize": 384, "learn_eval_images": 0,
@@ -620,15 +620,42 @@ def section_training(cfg: dict, args, clock: Clock, results: dict) -> dict:
     return out
 
 
-def _loader_batches(samples, crop: int, batch: int, workers: int, seed: int):
-    """An endless iterator of training batches over epochs (`pipelines.train_data.make_loader`, world size 1)."""
-    from pipelines.train_data import make_loader
+class _ManyEpochs:
+    """`CocoKeypointSamples` (the project's augmentation and targets) repeated over many epochs in ONE DataLoader
+    with persistent workers: `pipelines.train_data.make_loader` builds a loader per epoch, and coco-mini's 65
+    samples are 4 batches, so per-epoch worker start-up would dominate a learning run of thousands of steps."""
 
-    epoch = 0
+    def __init__(self, samples, crop: int, repeats: int):
+        self.view, self.n, self.repeats = samples.for_epoch(0, crop), len(samples), repeats
+
+    def __len__(self) -> int:
+        return self.n * self.repeats
+
+    def __getitems__(self, indices):
+        self.view.epoch = int(indices[0])  # the augmentation rng is (seed, epoch, index): a new draw per batch
+        return self.view.__getitems__([int(i) % self.n for i in indices])
+
+
+def _loader_batches(samples, crop: int, batch: int, workers: int, seed: int):
+    """An endless iterator of training batches (B, ...) tensors."""
+    import cv2
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipelines.train_data import _already_batched, _configure_loader_process, tune_malloc
+
+    if workers:
+        cv2.setNumThreads(1)  # an OpenCV pool running at fork time hangs the workers (pipelines.train_data)
+    else:
+        tune_malloc()
+    dataset = _ManyEpochs(samples, crop, repeats=2000)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        collate_fn=_already_batched, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=_configure_loader_process, generator=generator,
+                        prefetch_factor=4 if workers else None, persistent_workers=bool(workers))
     while True:
-        for item in make_loader(samples, epoch, crop, batch, 0, 1, workers, 2, seed):
-            yield item
-        epoch += 1
+        yield from loader
 
 
 def section_learning(cfg: dict, args, clock: Clock, results: dict) -> dict:
