@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--results", default=None, help="also write the COCO results JSON here")
+    parser.add_argument("--floor", action="store_true",
+                        help="apply the output floor of the poses tables (simplepose.decode.POSE_FLOOR) before "
+                             "COCOeval; --min-person-score / --min-keypoints change it")
+    parser.add_argument("--min-person-score", type=float, default=None, help="floor: person score (implies --floor)")
+    parser.add_argument("--min-keypoints", type=int, default=None, help="floor: keypoints (implies --floor)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
 
 
@@ -93,10 +98,10 @@ def _decode_chunk(task):
     time is shared equally by its images)."""
     import torch
 
-    from simplepose.decode import assemble, coco_results, find_candidates_batch
+    from simplepose.decode import assemble, coco_results, find_candidates_batch, select_poses
 
     torch.set_num_threads(1)
-    config, map_dtype, batch_size, items = task
+    config, map_dtype, batch_size, items, floor = task
     visibility = "reference" if config.is_reference else "score"
     results, times = [], []
     if items:  # warm-up: torch's first calls allocate and dispatch slowly; not timed
@@ -113,13 +118,14 @@ def _decode_chunk(task):
             w1, c1 = time.perf_counter(), time.thread_time()
             poses = assemble(cands, config)
             times.append((tensor_wall, time.perf_counter() - w1, tensor_cpu, time.thread_time() - c1, post))
-            results += coco_results(poses, image["id"], visibility)
+            results += coco_results(poses if floor is None else select_poses(poses, floor), image["id"], visibility)
     return results, times
 
 
 def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16",
-               batch_size: int = 16):
-    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns."""
+               batch_size: int = 16, floor=None):
+    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns.
+    floor: a `simplepose.decode.PoseFloor` applied to each image's persons (untimed), or None."""
     from simplepose.coco import evaluate_keypoints
 
     with open(annotations) as f:
@@ -132,10 +138,10 @@ def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = N
     items = [(image, persons.get(image["id"], [])) for image in images]
     chunks = [items[i::workers] for i in range(workers)]
     if workers == 1:
-        outputs = [_decode_chunk((config, map_dtype, batch_size, items))]
+        outputs = [_decode_chunk((config, map_dtype, batch_size, items, floor))]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, batch_size, chunk) for chunk in chunks]))
+            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, batch_size, chunk, floor) for chunk in chunks]))
     results = [r for out, _ in outputs for r in out]
     times = np.array([t for _, ts in outputs for t in ts]).reshape(-1, 5)
     stats = evaluate_keypoints(dataset, results, image_ids=[image["id"] for image in images])
@@ -151,8 +157,17 @@ def main(args: argparse.Namespace) -> int:
     config = decoder_config(args.mode, args.option)
     if args.workers < 1 or args.batch_size < 1:
         raise SystemExit(f"oracle: --workers and --batch-size must be >= 1, got {args.workers}, {args.batch_size}")
+    floor = None
+    if args.floor or args.min_person_score is not None or args.min_keypoints is not None:
+        from simplepose.decode import POSE_FLOOR
+
+        floor = POSE_FLOOR
+        if args.min_person_score is not None:
+            floor = dataclasses.replace(floor, min_person_score=args.min_person_score)
+        if args.min_keypoints is not None:
+            floor = dataclasses.replace(floor, min_keypoints=args.min_keypoints)
     results, stats, times = run_oracle(args.annotations, config, args.workers, args.limit,
-                                        args.map_dtype, args.batch_size)
+                                        args.map_dtype, args.batch_size, floor)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results, f)
@@ -161,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
     figures = {
         "mode": config.mode, "map_dtype": args.map_dtype, "batch_size": args.batch_size,
         "config": dataclasses.asdict(config),
+        "floor": None if floor is None else dataclasses.asdict(floor),
         "n_images": n, "n_persons": len(results),
         "stats": stats,
         # Per core: one torch thread per process; the CPU time of the decoding thread is the primary figure
@@ -175,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": describe_machine(),
     }
     print(f"oracle: {n} images, {len(results)} persons, decoder mode {config.mode}, maps {args.map_dtype}, "
-          f"tensor stage in batches of {args.batch_size}")
+          f"tensor stage in batches of {args.batch_size}" + (f", floor {floor}" if floor else ""))
     print(f"machine: {figures['machine']}")
     print("COCOeval: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
     print(f"decoder per core: {figures['images_per_s_per_core']:.1f} images/s (thread CPU time), "

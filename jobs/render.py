@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.images import decode_image
+from simplepose.decode import POSE_FLOOR
 # The drawing is shared with `simplepose report`; PALETTE and draw_poses stay importable from here.
 from pipelines.overlay import NO_PERSONS, PALETTE, draw_poses, poses_by_image, read_run_table  # noqa: F401
 
@@ -41,17 +42,25 @@ class RenderSummary:
     outputs: tuple[str, ...]
 
 
-def render_run(run_output: str, out_dir: str, limit: int | None = 50, min_score: float = 0.0,
-               image_format: str = "jpg", storage_options: Mapping | None = None) -> RenderSummary:
+def render_run(run_output: str, out_dir: str, limit: int | None = 50, min_score: float | None = None,
+               image_format: str = "jpg", storage_options: Mapping | None = None,
+               min_keypoints: int | None = None) -> RenderSummary:
     """Overlays of the first `limit` images with status ok (input order; None = all) of the run in
-    `run_output`, persons with score >= `min_score`, written to `out_dir` (any fsspec URI) as
-    `{input_index:06d}_{image_id}.{image_format}`. Images with 0 persons are rendered too (plain copies)."""
+    `run_output`, written to `out_dir` (any fsspec URI) as `{input_index:06d}_{image_id}.{image_format}`.
+    Persons drawn: those passing the output floor of the poses tables (`simplepose.decode.POSE_FLOOR`, the one
+    the labeling job and `simplepose.Predictor` apply), score >= `min_score` and >= `min_keypoints` keypoints
+    with a score > 0; None = the floor's value. Images with 0 persons are rendered too (plain copies)."""
     if limit is not None and limit < 0:
         raise ValueError(f"render_run: limit must be >= 0 or None, got {limit}")
     if image_format not in FORMATS:
         raise ValueError(f"render_run: image_format must be one of {FORMATS}, got {image_format!r}")
+    floor = POSE_FLOOR
+    if min_score is not None:
+        floor = dataclasses.replace(floor, min_person_score=float(min_score))
+    if min_keypoints is not None:
+        floor = dataclasses.replace(floor, min_keypoints=int(min_keypoints))
     selected = _ok_images(run_output, limit, storage_options)
-    poses = poses_by_image(run_output, selected["image_id"].to_pylist(), min_score, storage_options)
+    poses = poses_by_image(run_output, selected["image_id"].to_pylist(), floor.min_person_score, storage_options)
     outputs, persons, failed = [], 0, 0
     rows = selected.to_pylist()
     for start in range(0, len(rows), _READ_BATCH):
@@ -63,6 +72,8 @@ def render_run(run_output: str, out_dir: str, limit: int | None = 50, min_score:
                 failed += 1
                 continue
             keypoints, scores, boxes = poses.get(row["image_id"], NO_PERSONS)
+            keep = floor.keep(keypoints, scores)
+            keypoints, scores, boxes = keypoints[keep], scores[keep], boxes[keep]
             overlay = draw_poses(decoded.image, keypoints, scores, boxes)
             uri = storage.join(out_dir, _output_name(row["input_index"], row["image_id"], image_format))
             storage.write_atomic(uri, _encode(overlay, image_format), storage_options)
@@ -98,15 +109,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder URI for the overlays (local path, s3://..., any fsspec URI)")
     parser.add_argument("--limit", type=int, default=50,
                         help="render the first N images with status ok, in input order; 0 = all (default %(default)s)")
-    parser.add_argument("--min-score", type=float, default=0.0,
-                        help="draw persons with a score >= this (default %(default)s)")
+    parser.add_argument("--min-score", type=float, default=None,
+                        help="draw persons with a score >= this (default: the poses floor, "
+                             f"simplepose.decode.POSE_FLOOR, {POSE_FLOOR.min_person_score})")
+    parser.add_argument("--min-keypoints", type=int, default=None,
+                        help="draw persons with at least this many keypoints (default: the poses floor, "
+                             f"{POSE_FLOOR.min_keypoints}); --min-score 0 --min-keypoints 0 draws every person")
     parser.add_argument("--format", choices=FORMATS, default="jpg", dest="image_format",
                         help="overlay file format (default %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
     summary = render_run(args.run_output, args.out_dir, limit=args.limit or None, min_score=args.min_score,
-                         image_format=args.image_format)
+                         image_format=args.image_format, min_keypoints=args.min_keypoints)
     print(f"rendered {summary.images} images with {summary.persons} persons to {args.out_dir}"
           + (f" ({summary.failed} could not be read or decoded)" if summary.failed else ""))
     return 0 if summary.failed == 0 else 1

@@ -10,3 +10,15 @@ def load_model(path, **kwargs):
     from simplepose.checkpoint import load_model as _load_model
 
     return _load_model(path, **kwargs)
+
+
+__all__ = ["Predictor", "load_model"]
+
+
+def __getattr__(name):
+    """`simplepose.Predictor` (imported on first use: `import simplepose` stays light, without torch)."""
+    if name == "Predictor":
+        from simplepose.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'simplepose' has no attribute {name!r}")

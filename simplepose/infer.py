@@ -93,6 +93,9 @@ HEAD = InferConfig(boxsize=640, scales=(1.0,))
 FAST = InferConfig(boxsize=512, scales=(1.0,), aggregation="stride4")
 """Labeling at scale: one scale of 512, flip, stride-4 maps on the device (the decoder reads them there)."""
 PRESETS: dict[str, InferConfig] = {"paper": PAPER, "head": HEAD, "fast": FAST}
+LABELING = InferConfig(boxsize=640, scales=(1.0,), flip=True, aggregation="stride4")
+"""The labeling job's default (`pipelines.label.LabelJobConfig`: the authors' HEAD boxsize 640, one scale,
+flip; stride-4 maps for the default decoder) and `simplepose.Predictor`'s preset "fast"."""
 
 
 @dataclass(frozen=True)

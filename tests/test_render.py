@@ -121,3 +121,15 @@ def test_render_command(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "jobs.cli", "render", "--help"], capture_output=True, text=True,
                                timeout=60).stdout
     assert "--min-score" in help_text and "RUN_OUTPUT".lower() in help_text.lower()
+
+
+def test_render_run_applies_the_poses_floor_by_default(tmp_path):
+    from simplepose.decode import POSE_FLOOR
+
+    samples = write_fake_run(str(tmp_path))
+    everyone = sum(len(s.keypoints) for s in samples[:3])
+    default = render_run(str(tmp_path / "run"), str(tmp_path / "a"), limit=None)
+    assert POSE_FLOOR.min_person_score <= 0.2 and default.persons == everyone  # 0.2-score persons pass the floor
+    strict = render_run(str(tmp_path / "run"), str(tmp_path / "b"), limit=None, min_keypoints=17)
+    assert strict.persons == everyone - 1  # the first person misses one keypoint
+    assert render_run(str(tmp_path / "run"), str(tmp_path / "c"), limit=None, min_score=0.25).persons == everyone - 3

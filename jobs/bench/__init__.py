@@ -8,6 +8,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "targets": ("jobs.bench.targets", "augmentation + ground-truth generation samples/s per core"),
     "network": ("jobs.bench.network", "IMHN images/s at a given size, device and precision"),
     "label": ("jobs.bench.label", "labeling job end to end vs each stage alone"),
+    "decoder": ("jobs.bench.decoder", "decoder caps: candidates, persons, assembly ms on photos and noise maps"),
 }
 
 

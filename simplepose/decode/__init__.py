@@ -3,6 +3,9 @@
 `find_candidates` (torch, on the maps' device): peaks with sub-cell positions and scores, and body-part
 scores of candidate pairs; only small numpy arrays come out (`Candidates`, picklable).
 `assemble` (numpy, CPU): greedy grouping into persons -> `Poses` in COCO order and original image pixels.
+Bounded on any maps: `DecoderConfig.max_candidates` peaks per type and `max_persons` persons per image.
+`select_poses(poses, POSE_FLOOR)`: the output floor of the labeling tables, `simplepose render` and
+`simplepose.Predictor` (`PoseFloor`: min_person_score, min_keypoints), applied after `assemble`.
 `DecoderConfig(mode="reference")` is the authors' decoder bug for bug (Li, Su, Wang, "Simple Pose", AAAI 2020;
 code `hellojialee/Improved-Body-Parts`, read through SPEC.md only); `mode="default"` is ours.
 """
@@ -11,10 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from simplepose.decode.assembly import assemble_greedy
 from simplepose.decode.config import DecoderConfig
+from simplepose.decode.floor import POSE_FLOOR, PoseFloor, select_poses
 from simplepose.decode.maps import check_heatmaps
 from simplepose.decode.pairs import reference_pair_scores, stride_pair_scores
 from simplepose.decode.peaks import reference_peaks, stride_peaks
@@ -24,7 +29,7 @@ from simplepose.decode.structures import Candidates, Poses, coco_results, split_
 LOG = logging.getLogger(__name__)
 
 __all__ = ["DecoderConfig", "Candidates", "Poses", "find_candidates", "find_candidates_batch", "assemble",
-           "decode", "coco_results"]
+           "decode", "coco_results", "PoseFloor", "POSE_FLOOR", "select_poses"]
 
 
 @torch.inference_mode()
@@ -72,9 +77,18 @@ def assemble(candidates: Candidates, config: DecoderConfig = DecoderConfig()) ->
     """Assembly stage (numpy, CPU): Candidates -> Poses."""
     if not isinstance(candidates, Candidates):
         raise TypeError(f"assemble: expected Candidates, got {type(candidates).__name__}")
-    if config.is_reference or not config.global_greedy:
+    if config.is_reference:
         return assemble_reference(candidates, config)
-    return assemble_greedy(candidates, config)
+    poses = assemble_greedy(candidates, config) if config.global_greedy else assemble_reference(candidates, config)
+    return _best_persons(poses, config.max_persons)
+
+
+def _best_persons(poses: Poses, limit: int) -> Poses:
+    """The `limit` highest-scoring persons (ties: the earlier one), in their order; all when limit is 0."""
+    if not limit or len(poses) <= limit:
+        return poses
+    keep = np.sort(np.argsort(-poses.scores, kind="stable")[:limit])
+    return Poses(poses.keypoints[keep], poses.scores[keep], poses.boxes[keep], poses.image_size)
 
 
 def decode(heatmaps, config: DecoderConfig = DecoderConfig()) -> Poses:

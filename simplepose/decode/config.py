@@ -48,6 +48,12 @@ class DecoderConfig:
     fragment_reach: float = 0.3
     keep_singletons: bool = True  # unassigned keypoints become low-score one-keypoint persons
 
+    # --- bounds, used by mode="default" only (reference mode ignores them: parity with the authors' code) ---
+    max_candidates: int = 24  # top-K peaks per keypoint type per image, by peak score, after NMS, chosen in
+    # the tensor stage (only K per type leave the device): at most 18 K candidates and 30 K^2 pairs per image
+    max_persons: int = 32  # persons kept per image after assembly, by person score (highest first)
+    # 0 for either means "no cap": the unbounded decoder, for measurements only (`simplepose bench decoder`)
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"DecoderConfig.mode: {self.mode!r} is not one of {MODES}")
@@ -58,6 +64,9 @@ class DecoderConfig:
         if self.max_samples < 2 or self.pair_samples < 2:
             raise ValueError(f"DecoderConfig: max_samples and pair_samples need at least 2 samples, got "
                              f"{self.max_samples}, {self.pair_samples}")
+        if self.max_candidates < 0 or self.max_persons < 0:
+            raise ValueError(f"DecoderConfig: max_candidates and max_persons must be >= 0 (0 = no cap), got "
+                             f"{self.max_candidates}, {self.max_persons}")
         if self.refine_radius < 1:
             raise ValueError(f"DecoderConfig.refine_radius: must be >= 1 cell, got {self.refine_radius}")
 

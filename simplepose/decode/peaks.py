@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from simplepose.decode.config import DecoderConfig
+from simplepose.skeleton import NUM_KEYPOINTS
 
 LOG = logging.getLogger(__name__)
 
@@ -156,7 +157,9 @@ def stride_peaks(batch: list[torch.Tensor], config: DecoderConfig) -> Peaks:
     along each axis (exact for a Gaussian, which is what the targets are; a neighbour outside the map mirrors
     the other side), "centroid" is the authors' (2r+1)^2 window centroid with the axes the right way round,
     "none" keeps cell centres. `peak_value_score`: score = the fitted peak value (clipped to 1) instead of
-    the mean of the (2r+1)^2 window.
+    the mean of the (2r+1)^2 window. `max_candidates` (K > 0): only the K highest-scoring peaks of each type
+    of each image are kept (`top_k_per_group`, sorted tensor operations), still in image, type, raster order,
+    so that at most 18 K candidates and 30 K^2 pairs per image leave this stage, whatever the maps.
     Raises ValueError when a value it reads is NaN or infinite.
     """
     m = _local_maxima(batch, config.keypoint_threshold)
@@ -181,7 +184,26 @@ def stride_peaks(batch: list[torch.Tensor], config: DecoderConfig) -> Peaks:
             xy = xy + moments / w.sum(dim=(1, 2)).clamp(min=1e-12)[:, None]
         if not config.peak_value_score:
             score = win.mean(dim=(1, 2))
+    if config.max_candidates and len(score):
+        best = top_k_per_group(images * NUM_KEYPOINTS + types, score, config.max_candidates)
+        xy, score, types, images = xy[best], score[best], types[best], images[best]
     return Peaks(xy, score, types, images)
+
+
+def top_k_per_group(groups: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool (n,): the k highest `scores` of each group (int64 (n,) labels); ties go to the earlier row, so the
+    choice is deterministic. Sorted tensor operations only (no loop over groups): rows sorted by descending
+    score, then (stably) by group, numbered within their group."""
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(groups[by_score], stable=True).indices]
+    sorted_groups = groups[order]
+    first = torch.ones_like(sorted_groups, dtype=torch.bool)
+    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    position = torch.arange(len(order), device=scores.device)
+    start = torch.cummax(torch.where(first, position, torch.zeros_like(position)), dim=0).values
+    keep = torch.zeros_like(first)
+    keep[order] = (position - start) < k
+    return keep
 
 
 def _after_a_peak(m: _Maxima) -> torch.Tensor:
