@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "COCO keypoint evaluation of a model, logged to MLflow"),
     "promote": ("jobs.promote", "move the MLflow 'champion' alias to a better candidate"),
     "convert-checkpoint": ("jobs.convert_checkpoint", "convert the authors' checkpoint to ours"),
-    "bench": ("jobs.bench", "benchmarks: targets, network, label"),
+    "bench": ("jobs.bench", "benchmarks: targets, network, label, decoder"),
 }
 
 
