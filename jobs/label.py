@@ -64,7 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC activations in the network (default: on CUDA only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network once per actor")
+    parser.add_argument("--allow-local-paths", action="store_true",
+                        help="let a manifest on an object store name local paths (read from the workers' disks)")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous run in OUTPUT and start afresh")
+    parser.add_argument("--progress-interval", type=float, default=_DEFAULTS["progress_interval_s"],
+                        help="seconds between progress lines (default %(default)s)")
+    parser.add_argument("--stall-timeout", type=float, default=_DEFAULTS["stall_timeout_s"],
+                        help="end the job after this many seconds without a new output row, naming the stages "
+                             "that wait for resources; 0 = never; a re-run resumes (default %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option, e.g. endpoint_url=http://minio:9000 (repeatable)")
@@ -83,8 +90,9 @@ def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
         flip=args.flip, mode=args.mode, aggregation=args.aggregation, max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, min_person_score=args.min_person_score, min_keypoints=args.min_keypoints,
         forward_batch_size=args.forward_batch_size, channels_last=args.channels_last, compile=args.compile,
-        device=args.device, precision=args.precision, overwrite=args.overwrite,
-        address=args.address, storage_options=options,
+        device=args.device, precision=args.precision, overwrite=args.overwrite, allow_local_paths=args.allow_local_paths,
+        address=args.address, storage_options=options, progress_interval_s=args.progress_interval,
+        stall_timeout_s=args.stall_timeout or None,
         **{f"{s}_batch_size": getattr(args, f"{s}_batch_size") for s in stages},
         **{f"{s}_cpus": getattr(args, f"{s}_cpus") for s in stages},
         **{f"{s}_actors": getattr(args, f"{s}_actors") for s in stages[1:]})

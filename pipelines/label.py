@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipelines import label_run, storage, tables
-from pipelines.label_ray import build_dataset, connect_ray
+from pipelines import errors, label_run, preflight, storage, tables
+from pipelines.label_ray import build_dataset, connect_ray, resolve_device
 from pipelines.label_stages import IMAGE_COLUMNS, NETWORK_ENGINES
+from pipelines.label_watch import LabelJobStalled, Watchdog, stage_resources, waiting_stages  # noqa: F401
 
 LOG = logging.getLogger(__name__)
 
@@ -50,8 +52,12 @@ class LabelJobConfig:
       without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
       GPU), fp16 on others, fp32 on CPU. engine: "torch" (the IMHN) or "null" (an instant stand-in for
       benchmarks). channels_last: NHWC activations (None = on CUDA only). compile: `torch.compile` the model.
+    allow_local_paths: a manifest on an object store may name local paths (read from the workers' disks).
     address: Ray cluster to join (None: $RAY_ADDRESS, else a local Ray). storage_options: fsspec options
       (endpoint_url, key, secret, profile...), never logged or written.
+    progress_interval_s: seconds between progress lines (logged even while no batch arrives, with the stages
+      that wait for resources). stall_timeout_s: the job ends with `LabelJobStalled` after that long without
+      a new output row (None = never); committed chunks stay and the re-run resumes (docs/reliability.md).
     """
 
     input: str
@@ -84,10 +90,12 @@ class LabelJobConfig:
     channels_last: bool | None = None
     compile: bool = False
     read_retries: int = 3
+    allow_local_paths: bool = False
     overwrite: bool = False
     address: str | None = None
     storage_options: Mapping[str, object] = field(default_factory=dict, repr=False)
     progress_interval_s: float = 10.0
+    stall_timeout_s: float | None = 1800.0
 
     def __post_init__(self):
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -107,6 +115,8 @@ class LabelJobConfig:
             if low < 1 or (high is not None and high < low):
                 raise ValueError(f"LabelJobConfig.{name}: need 1 <= min <= max (max None = sized from the "
                                  f"cluster), got {(low, high)}")
+        if self.stall_timeout_s is not None and self.stall_timeout_s <= 0:
+            raise ValueError(f"LabelJobConfig.stall_timeout_s: must be > 0 or None, got {self.stall_timeout_s}")
         self.decoder_config()  # validates mode
         self.infer_config()  # validates boxsize, scales, aggregation
         self.pose_floor()  # validates the floor
@@ -143,7 +153,7 @@ class LabelJobConfig:
         infer = dataclasses.asdict(self.infer_config())
         return {"input": self.input, "model": self.model, "infer": infer, "mode": self.mode,
                 "decoder": dataclasses.asdict(self.decoder_config()), "floor": dataclasses.asdict(self.pose_floor()),
-                "max_pixels": self.max_pixels, "chunk_size": self.chunk_size,
+                "max_pixels": self.max_pixels, "chunk_size": self.chunk_size, "allow_local_paths": self.allow_local_paths,
                 "schema_version": tables.SCHEMA_VERSION}
 
 
@@ -177,6 +187,7 @@ class LabelSummary:
 def run_label_job(config: LabelJobConfig) -> LabelSummary:
     """Label every input object into OUTPUT/images and OUTPUT/poses; resumable and exactly-once per run."""
     started = time.monotonic()
+    preflight.check_label_job(config)  # INPUT and OUTPUT usable: nothing is written to OUTPUT otherwise
     folder = label_run.RunFolder(config.output, config.storage_options)
     model_uri, model_name, model_version = describe_model(config.model, config.storage_options)
     settings = {**config.settings(), "model_version": model_version}
@@ -186,7 +197,8 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
     if (manifest := folder.complete()) is not None:
         LOG.info("run %s in %s is already complete", run_id, config.output)
         return _summary(config, folder, manifest, 0, time.monotonic() - started, resumed)
-    chunks, objects = folder.freeze_inputs(storage.iter_input_uris(config.input, config.storage_options),
+    chunks, objects = folder.freeze_inputs(storage.iter_input_uris(config.input, config.storage_options,
+                                                                   allow_local=config.allow_local_paths),
                                            config.chunk_size)
     pending = sorted(set(range(chunks)) - folder.committed_chunks())
     LOG.info("run %s: %d objects in %d chunks, %d to do (model %s %s, options %s)", run_id, objects, chunks,
@@ -197,8 +209,10 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
         with connect_ray(config.address) as ray_resources:
             dataset = build_dataset(config, model_uri, [folder.input_chunk_uri(c) for c in pending],
                                     [writer.expected[c] for c in pending], ray_resources)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(batch)
+            needs = stage_resources(config, resolve_device(config, ray_resources))
+            with Watchdog(writer, config.progress_interval_s, config.stall_timeout_s, lambda: waiting_stages(needs)):
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    writer.add(batch)
         writer.check_done()
         processed = writer.rows_written
     totals = folder.totals()
@@ -231,8 +245,10 @@ class ChunkWriter:
         self.committed: set[int] = set()
         self.metadata = tables.table_metadata({k: run[k] for k in ("run_id", "model_name", "model_version")})
         self.rows_written = self.failed = 0
-        self.started = self.last_report = time.monotonic()
+        self.started = self.last_report = self.last_progress = time.monotonic()
         self.interval = progress_interval_s
+        self.waiting = ""  # stages waiting for resources (set by the watchdog), shown in the progress line
+        self._report_lock = threading.Lock()
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         index = np.asarray(batch["input_index"], np.int64)
@@ -249,6 +265,7 @@ class ChunkWriter:
             if not new.any():
                 continue
             rows = rows[first[new]]
+            self.last_progress = time.monotonic()
             self.arrived[chunk][offsets[new]] = True
             self.pieces[chunk].append({name: np.asarray(batch[name])[rows] for name in ROW_COLUMNS})
             if self.arrived[chunk].all():
@@ -268,12 +285,14 @@ class ChunkWriter:
         self.failed += int((rows["status"] != "ok").sum())
 
     def _report(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last_report >= self.interval:
-            self.last_report = now
-            rate = self.rows_written / max(now - self.started, 1e-9)
-            LOG.info("progress: %d objects committed (%d failed), %d chunks left, %.2f images/s",
-                     self.rows_written, self.failed, len(self.expected), rate)
+        with self._report_lock:  # the driver's loop and the watchdog thread both report
+            now = time.monotonic()
+            if force or now - self.last_report >= self.interval:
+                self.last_report = now
+                rate = self.rows_written / max(now - self.started, 1e-9)
+                LOG.info("progress: %d objects committed (%d failed), %d chunks left, %.2f images/s%s",
+                         self.rows_written, self.failed, len(self.expected), rate,
+                         f"; waiting: {self.waiting}" if self.waiting else "")
 
     def check_done(self) -> None:
         self._report(force=True)
@@ -326,9 +345,10 @@ def describe_model(model: str, storage_options: Mapping | None = None) -> tuple[
 
     from simplepose.checkpoint import load_checkpoint
 
-    with storage.open_binary(model, storage_options) as f:
-        data = f.read()
-    _, _, metadata = load_checkpoint(io.BytesIO(data))
+    with errors.about("MODEL", model, storage_options):  # store errors and bad files name the model URI
+        with storage.open_binary(model, storage_options) as f:
+            data = f.read()
+        _, _, metadata = load_checkpoint(io.BytesIO(data))
     name = str(metadata.get("name") or os.path.splitext(os.path.basename(model.rstrip("/")))[0])
     version = str(metadata.get("version") or hashlib.sha256(data).hexdigest()[:12])
     return model, name, version
