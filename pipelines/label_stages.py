@@ -285,12 +285,12 @@ class NullNetwork:
 class AssembleStage:
     """`candidates` -> persons: num_persons (int32) and, as raw float32 bytes, pose_keypoints (P, 17, 3)
     COCO order (x, y, score; original pixels), pose_scores (P,) and pose_boxes (P, 4) x, y, w, h.
-    floor: `simplepose.decode.PoseFloor` applied to the persons (None: keep all the decoder gives)."""
+    floor: `simplepose.decode.PoseFloor` applied to the persons (default `POSE_FLOOR`, the tables' floor)."""
 
     def __init__(self, decoder_config, floor=None):
-        from simplepose.decode import assemble, select_poses
+        from simplepose.decode import POSE_FLOOR, assemble, select_poses
 
-        self.config, self.floor = decoder_config, floor
+        self.config, self.floor = decoder_config, POSE_FLOOR if floor is None else floor
         self._assemble, self._select = assemble, select_poses
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -300,9 +300,7 @@ class AssembleStage:
         keypoints, scores, boxes = (np.full(n, b"", dtype=object) for _ in range(3))
         for i in np.flatnonzero(status == OK):
             try:
-                poses = self._assemble(pickle.loads(batch["candidates"][i]), self.config)
-                if self.floor is not None:
-                    poses = self._select(poses, self.floor)
+                poses = self._select(self._assemble(pickle.loads(batch["candidates"][i]), self.config), self.floor)
             except Exception as failure:
                 status[i], error[i] = "inference_error", _describe(failure)
                 continue
