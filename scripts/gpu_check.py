@@ -124,24 +124,6 @@ def ensure_pycocotools(wheels: str | None) -> str:
         return f"missing: {first}; the wheels in {folder} did not import: {describe(error)}"
 
 
-def stub_pycocotools_mask(reason: str) -> None:
-    """Let `simplepose.targets` import without pycocotools (it imports `pycocotools.mask` at module level, and
-    `simplepose.loss` imports `pool_targets` from it): an empty `pycocotools.mask` whose every attribute raises
-    ImportError with `reason`. Only what needs COCO masks fails; `pycocotools.coco` stays missing."""
-    import types
-
-    class _Missing(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise ImportError(f"pycocotools.mask.{name}: pycocotools is missing ({reason})")
-
-    package = types.ModuleType("pycocotools")
-    package.__path__ = []  # a package, so `pycocotools.coco` fails as a missing submodule
-    package.mask = _Missing("pycocotools.mask")
-    sys.modules["pycocotools"], sys.modules["pycocotools.mask"] = package, package.mask
-
-
 def have_pycocotools(results: dict) -> bool:
     """results: the whole results dict, or the env section itself."""
     env = results.get("env", results)
@@ -207,11 +189,6 @@ def section_env(cfg: dict, args, clock: Clock) -> dict:
         out["bf16_supported"] = torch.cuda.is_bf16_supported()
         out["cuda"] = torch.version.cuda
     out["pycocotools"] = ensure_pycocotools(args.wheels)
-    if not have_pycocotools(out):
-        stub_pycocotools_mask(out["pycocotools"])
-        out["pycocotools_mask_stub"] = ("simplepose.targets imports pycocotools.mask at module level (simplepose.loss "
-                                        "needs it); a stub module lets it import, COCO masks and COCOeval stay "
-                                        "unavailable")
     try:
         import PIL
 

@@ -23,7 +23,6 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 from simplepose.skeleton import (KEYPOINT_START, LIMB_CHANNELS, LIMBS, MAX_KEYPOINT_CHANNEL, NUM_CHANNELS,
                                  NUM_KEYPOINTS, PERSON_MASK_CHANNEL)
@@ -370,6 +369,10 @@ def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tup
 
 def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """COCO segmentation (polygon list, RLE, uncompressed RLE) to a bool (height, width) mask."""
+    # Imported here: the rest of this module (target maps, used by the loss) must import on machines without
+    # pycocotools, such as the bare GPU machine of `scripts/gpu_check.py`.
+    from pycocotools import mask as mask_utils
+
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)) if segmentation else None
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
