@@ -106,7 +106,9 @@ class ProcessCpu:
             self.seen[pid] = max(self.seen.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / self.tick)
             # Named while it lives (an exited process cannot be named), and again at every sample: a worker
             # forked by the raylet shows the raylet's command line until it has started.
-            self.kinds[pid] = self._kind(pid)
+            kind = self._kind(pid)
+            if pid not in self.kinds or not kind.startswith("other"):  # an exiting process has no command line
+                self.kinds[pid] = kind
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
