@@ -152,8 +152,9 @@ class LabelJobConfig:
         """What determines the output rows (the run id is derived from it); no secrets."""
         infer = dataclasses.asdict(self.infer_config())
         return {"input": self.input, "model": self.model, "infer": infer, "mode": self.mode,
-                "decoder": dataclasses.asdict(self.decoder_config()), "floor": dataclasses.asdict(self.pose_floor()),
-                "max_pixels": self.max_pixels, "chunk_size": self.chunk_size, "allow_local_paths": self.allow_local_paths,
+                "decoder": dataclasses.asdict(self.decoder_config()),
+                "floor": dataclasses.asdict(self.pose_floor()), "max_pixels": self.max_pixels,
+                "chunk_size": self.chunk_size, "allow_local_paths": self.allow_local_paths,
                 "schema_version": tables.SCHEMA_VERSION}
 
 
