@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "run the labeling job end to end on an embedded local stack"),
@@ -24,9 +26,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a two-line error: the message, then where the help is (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n  see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simplepose", description=__doc__.splitlines()[0])
+    parser = Parser(prog="simplepose", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (also SIMPLEPOSE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,14 +49,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Parse the global options and the command name first; the command module owns the rest.
     top, rest = parser.parse_known_args(argv)
+    debug = top.debug or "--debug" in rest or os.environ.get("SIMPLEPOSE_DEBUG", "") not in ("", "0", "false")
+    rest = [arg for arg in rest if arg != "--debug"]
+    prog = f"simplepose {top.command}"
     module_name, help_text = COMMANDS[top.command]
-    module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"simplepose {top.command}", description=help_text)
-    module.add_arguments(command_parser)
-    args = command_parser.parse_args(rest)
-    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(module.main(args) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        command_parser = Parser(prog=prog, description=help_text)
+        module.add_arguments(command_parser)
+        args = command_parser.parse_args(rest)
+        logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure becomes one or two lines (pipelines.errors)
+        from pipelines.errors import explain
+
+        if debug:
+            traceback.print_exc()
+        explained = explain(error)
+        print(f"{prog}: error: {explained.message}", file=sys.stderr)
+        if explained.hint:
+            print(f"  {explained.hint}", file=sys.stderr)
+        return explained.exit_status
 
 
 if __name__ == "__main__":

@@ -59,8 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{stage}-actors", type=_pair, default=default, metavar="MIN[,MAX]",
                             help=f"{stage} actor pool size; 'MIN,' sizes the maximum from the cluster "
                                  f"(default {default[0]},{'' if default[1] is None else default[1]})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULTS["device"])
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_DEFAULTS["precision"])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULTS["device"],
+                        help="network device; auto = a GPU per network actor when the cluster has GPUs "
+                             "(default %(default)s)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_DEFAULTS["precision"],
+                        help="network precision; auto = bf16 or fp16 on GPUs, fp32 on CPU (default %(default)s)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC activations in the network (default: on CUDA only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network once per actor")
@@ -90,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
         flip=args.flip, mode=args.mode, aggregation=args.aggregation, max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, min_person_score=args.min_person_score, min_keypoints=args.min_keypoints,
         forward_batch_size=args.forward_batch_size, channels_last=args.channels_last, compile=args.compile,
-        device=args.device, precision=args.precision, overwrite=args.overwrite, allow_local_paths=args.allow_local_paths,
+        device=args.device, precision=args.precision, overwrite=args.overwrite,
+        allow_local_paths=args.allow_local_paths,
         address=args.address, storage_options=options, progress_interval_s=args.progress_interval,
         stall_timeout_s=args.stall_timeout or None,
         **{f"{s}_batch_size": getattr(args, f"{s}_batch_size") for s in stages},

@@ -11,8 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registered model name, e.g. simplepose-imhn")
     parser.add_argument("--set-name", required=True, help="evaluation set both versions were evaluated on")
     parser.add_argument("--metric", default="AP", help="COCO stat to compare (AP, AP50, AR, ...)")
-    parser.add_argument("--candidate-alias", default="candidate")
-    parser.add_argument("--champion-alias", default="champion")
+    parser.add_argument("--candidate-alias", default="candidate",
+                        help="alias of the version to promote (default %(default)s)")
+    parser.add_argument("--champion-alias", default="champion",
+                        help="alias moved to the candidate when it wins (default %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the local store)")
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage, tables
+from pipelines.errors import NoInputError
 
 LOG = logging.getLogger(__name__)
 
@@ -111,10 +112,21 @@ class RunFolder:
             self._write_input_chunk(chunks, objects, ids, paths)
             chunks, objects = chunks + 1, objects + len(paths)
         if objects == 0:
-            raise ValueError(f"the input of the run in {self.output} matched no objects")
+            raise NoInputError(f"INPUT {self._forget_empty_run()!r} matched no objects (names starting with _ "
+                               f"or . are skipped); nothing was left in {self.output}",
+                               "check the prefix, glob or manifest; the corrected run needs no --overwrite")
         self.write_json("_inputs/_complete.json", {"chunks": chunks, "objects": objects})
         LOG.info("input list frozen: %d objects in %d chunks of up to %d", objects, chunks, chunk_size)
         return chunks, objects
+
+    def _forget_empty_run(self) -> str:
+        """Remove the claim of a run whose input is empty (it has nothing to keep), so that a corrected
+        re-run needs no --overwrite; returns the run's INPUT as recorded in `_run.json`."""
+        run = self.read_json("_run.json") or {}
+        if not self.committed_chunks():
+            for name in ("_inputs", "_run.json"):
+                storage.remove_tree(self.uri(name), self.options)
+        return str((run.get("settings") or {}).get("input", "of the run"))
 
     def _write_input_chunk(self, chunk: int, start: int, ids: list[str], uris: list[str]) -> None:
         table = pa.table({"input_index": np.arange(start, start + len(uris), dtype=np.int64), "image_id": ids,

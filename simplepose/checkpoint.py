@@ -78,7 +78,7 @@ def load_checkpoint(path_or_file: PathOrFile, map_location: Any = "cpu"
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError,
             AttributeError, KeyError) as error:
         raise CheckpointError(f"{name} is not a readable torch checkpoint (corrupt, truncated or another file "
-                              f"type): {type(error).__name__} {str(error)[:200]!r}") from error
+                              f"type): {_load_failure(error)}") from error
     if not isinstance(raw, dict):
         raise CheckpointError(f"{name} holds a {type(raw).__name__}, not a checkpoint dict")
     if raw.get("format") == FORMAT:
@@ -192,7 +192,25 @@ def _plain(value: Any) -> Any:
 def _describe(path_or_file: PathOrFile) -> str:
     if isinstance(path_or_file, (str, os.PathLike)):
         return f"checkpoint {os.fspath(path_or_file)!r}"
-    return f"checkpoint file object {getattr(path_or_file, 'name', type(path_or_file).__name__)!r}"
+    if isinstance(getattr(path_or_file, "name", None), str):  # an open file, or a buffer named by its caller
+        return f"checkpoint {path_or_file.name!r}"
+    return f"checkpoint file object {type(path_or_file).__name__!r}"
+
+
+def _load_failure(error: BaseException) -> str:
+    """Why torch.load refused a file, in a few words. torch's own text for weights-only refusals advises
+    weights_only=False (running the file's code): never repeated here; only its "WeightsUnpickler error"."""
+    text = str(error)
+    if isinstance(error, EOFError):
+        return "the file ends early (empty or truncated)"
+    if "WeightsUnpickler error:" not in text:
+        return f"{type(error).__name__} {text[:200]!r}"
+    detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0].strip()
+    if detail.startswith("Unsupported global"):
+        found = detail.split(" was not", 1)[0].removeprefix("Unsupported global:").strip()
+        return (f"it pickles Python objects ({found}), not only tensors; write checkpoints with "
+                f"simplepose.checkpoint.save_checkpoint")
+    return f"not a torch file of tensors ({detail[:80]})"
 
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "build_model",

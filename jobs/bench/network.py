@@ -24,16 +24,18 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = IMHNConfig()
-    parser.add_argument("--stacks", type=int, default=defaults.stacks)
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--increase", type=int, default=defaults.increase)
+    parser.add_argument("--stacks", type=int, default=defaults.stacks, help="IMHN stacks (default %(default)s)")
+    parser.add_argument("--width", type=int, default=defaults.width, help="IMHN width (default %(default)s)")
+    parser.add_argument("--increase", type=int, default=defaults.increase,
+                        help="IMHN channel increase per hourglass level (default %(default)s)")
     parser.add_argument("--checkpoint", help="load this checkpoint instead of building random weights")
     parser.add_argument("--size", type=int, default=512, help="input height and width, multiple of 64")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward (default %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="bf16/fp16 run under torch.autocast")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC activations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids "
                         "spin-waiting when other processes share the cores")

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed windows per worker; the best and the median are reported (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--style", choices=STYLES, default="reference", help="target style (TargetConfig)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the samples (default %(default)s)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default mmap threshold (see tune_malloc)")
 
