@@ -30,7 +30,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class LabelJobConfig:
-    """One labeling run. Test-time defaults are the authors' HEAD setting (SPEC §7: boxsize 640, one scale,
+    """One labeling run. Test-time defaults are the authors' HEAD setting (docs/method.md §8.5: boxsize 640, one scale,
     flip); `mode` is the decoder's (`simplepose.decode.DecoderConfig.mode`). Sizes are pixels.
 
     input: prefix, glob, single object or manifest (.parquet/.csv/.txt/.lst of URIs) of any fsspec URI.
@@ -47,7 +47,7 @@ class LabelJobConfig:
       16 to 0.76, 1024 rows to 0.94). network_batch_size None = about 1 GiB of network inputs, at most 1024
       rows (`network_rows`). *_actors: (min, max)
       actor pool sizes, max None = sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs
-      reserved per task / actor (fractional on small machines, STACK P3).
+      reserved per task / actor (fractional on small machines, where whole CPUs can hang Ray).
     device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
       without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
       GPU), fp16 on others, fp32 on CPU. engine: "torch" (the IMHN) or "null" (an instant stand-in for
@@ -138,7 +138,7 @@ class LabelJobConfig:
         if self.network_batch_size is not None:
             return self.network_batch_size
         per_image = sum(3 * (s * self.boxsize) ** 2 * 4 / 3 for s in self.scales)
-        return int(min(1024, max(self.forward_batch_size, (1 << 30) // per_image)))
+        return int(min(1024, max(self.forward_batch_size, (1 << 30) // max(per_image, 1))))  # boxsize 0: checked later
 
     def pose_floor(self):
         """The output floor of the poses table (`simplepose.decode.PoseFloor`)."""
