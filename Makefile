@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/simplepose demo
 
-# SIGINT, not SIGKILL, on timeout: Ray cleans up its processes on SIGINT (notes/STACK.md P11).
+# SIGINT, not SIGKILL, on timeout: Ray cleans up its processes on SIGINT.
 test: install
 	timeout -s INT 3600 $(VENV)/bin/python -m pytest -q
 

@@ -158,8 +158,8 @@ def upload_shipped_weights() -> str:
 
 @contextlib.contextmanager
 def local_ray() -> Iterator[None]:
-    """A quiet local Ray on this machine's cores, sized for a demo (STACK §4), started after the S3 settings
-    so its workers inherit them."""
+    """A quiet local Ray on this machine's cores, sized for a demo (docs/architecture.md, "Ray and the stack"),
+    started after the S3 settings so its workers inherit them."""
     for name, value in QUIET_RAY.items():
         os.environ.setdefault(name, value)
     import ray

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     for key, value in (("RAY_AUTH_MODE", "disabled"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
                        ("RAY_BACKEND_LOG_LEVEL", "fatal")):
-        os.environ.setdefault(key, value)  # before Ray starts, so that its workers inherit them (STACK P9, P15)
+        os.environ.setdefault(key, value)  # before Ray starts, so its workers inherit them (Ray auth, MLflow telemetry)
     import ray
 
     from pipelines.train_job import run_training

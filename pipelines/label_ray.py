@@ -1,6 +1,6 @@
 """The labeling job's Ray side: joining or starting Ray, and the Ray Data graph of the stages.
 
-Each stage is its own operator with its own resources (notes/STACK.md §5, P3): reads are light tasks,
+Each stage is its own operator with its own resources (docs/architecture.md): reads are light tasks,
 decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the default
 minimum pools take 0.5 + 1 + 0.25 CPUs and leave 0.25 for read tasks (a pool that takes every CPU makes Ray
 Data wait forever); pools grow only into CPUs that are free.
@@ -18,7 +18,7 @@ from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, rea
 
 LOG = logging.getLogger(__name__)
 
-# Before `import ray` (STACK P9, P10): no token-auth file, no usage stats, no C++ actor-argument noise.
+# Before `import ray`, so its workers inherit them: no token-auth file, no usage stats, no C++ actor-argument noise.
 BLOCK_BYTES = 256 << 20
 """Ray Data's target block size: large enough that a stage's batch (e.g. 64 decoded 512-px inputs, ~64 MB)
 stays one block. Blocks are sized by the stages' batch sizes instead: the driver's scheduling cost is per

@@ -2,7 +2,7 @@
 
 Local default: a SQLite tracking store (which also holds the model registry) and a file or S3 artifact store;
 production: an MLflow server URI. Experiments are always created with an explicit artifact location so
-nothing lands in ./mlruns by accident (STACK P13).
+nothing lands in ./mlruns by accident (without one, MLflow puts them under the CWD).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ RUN_NAME_TAG = "simplepose.run_name"
 
 
 def _quiet_mlflow() -> None:
-    # Telemetry is on by default in MLflow 3 and writes to ~/.config (STACK P15).
+    # Telemetry is on by default in MLflow 3 and writes to ~/.config.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 

@@ -3,7 +3,7 @@
 Driver (`run_training`): opens or resumes the MLflow run of the Ray run name, starts a `TorchTrainer`
 (DDP: NCCL on GPUs, gloo on CPUs), then logs the final checkpoint, registers it as a model version with alias
 `candidate`, and optionally evaluates and promotes it (the retraining chain).
-Workers (`train_loop`): staged schedule (SPEC §6), SGD with per-iteration LR (scaled by world size, warm-up,
+Workers (`train_loop`): staged schedule (docs/method.md §7), SGD with per-iteration LR (scaled by world size, warm-up,
 x0.2 steps), AMP (fp16 + GradScaler or bf16 autocast), optional SyncBN, a checkpoint every epoch to the run's
 storage. A restarted worker group (FailureConfig) or a re-run of the same run name resumes from the latest
 checkpoint: weights, optimizer, scaler, epoch and step.
@@ -46,7 +46,7 @@ class TrainResult:
 
 
 def learning_rate(config: TrainConfig, stage_epoch: int, step: int, iters: int, world_size: int) -> float:
-    """LR of one iteration (SPEC §6): base (x world size) * gamma^(stage_epoch // step_epochs), times the
+    """LR of one iteration (docs/method.md §7): base (x world size) * gamma^(stage_epoch // step_epochs), times the
     warm-up (1 + step + stage_epoch * iters) / (warmup_epochs * iters) while stage_epoch < warmup_epochs."""
     opt, sched = config.optimizer, config.schedule
     lr = opt.lr * (world_size if opt.scale_by_world_size else 1)

@@ -2,7 +2,7 @@
 
 `load_train_config("jobs/configs/paper.yaml", ["optimizer.lr=1e-3", "scaling.num_workers=2"])` reads the file,
 applies the overrides (values parsed as YAML scalars) and builds a `TrainConfig`. Unknown keys, wrong types
-and impossible values raise a ValueError naming the dotted key. Defaults are the authors' recipe (SPEC §6).
+and impossible values raise a ValueError naming the dotted key. Defaults are the authors' recipe (docs/method.md §7).
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ class StageConfig:
 
 
 def _paper_stages() -> tuple[StageConfig, ...]:
-    # SPEC §6 staged recipe: L2 at 384, then focal L2 at 384, then focal L2 at 512 (the checkpoint log).
-    # L2 is the focal loss with gamma 0; focal is the authors' |1 - s_t| form (LossConfig defaults, SPEC §5).
+    # docs/method.md §7 staged recipe: L2 at 384, then focal L2 at 384, then focal L2 at 512 (the checkpoint log).
+    # L2 is the focal loss with gamma 0; focal is the authors' |1 - s_t| form (LossConfig defaults, docs/method.md §6).
     return (StageConfig("l2_384", 16, 384, LossConfig.preset("l2")),
             StageConfig("focal384", 35, 384, LossConfig()),
             StageConfig("focal512", 15, 512, LossConfig()))
@@ -58,7 +58,7 @@ def _paper_stages() -> tuple[StageConfig, ...]:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """SGD (SPEC §6). `lr` is per worker: the applied base LR is lr x world size when `scale_by_world_size`.
+    """SGD (docs/method.md §7). `lr` is per worker: the applied base LR is lr x world size when `scale_by_world_size`.
 
     `name` "adam" (a named option, not the authors') uses Adam with the same lr, schedule and weight decay
     (momentum and nesterov are SGD-only): it trains small networks from the reference init in minutes.
@@ -74,7 +74,7 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Per-iteration LR: base * gamma^(stage_epoch // step_epochs), times a linear warm-up over the first
-    `warmup_epochs` of every stage, (1 + step + epoch * iters) / (warmup_epochs * iters) (SPEC §6)."""
+    `warmup_epochs` of every stage, (1 + step + epoch * iters) / (warmup_epochs * iters) (docs/method.md §7)."""
     gamma: float = 0.2
     step_epochs: int = 15
     warmup_epochs: int = 3
@@ -82,7 +82,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    """Ray Train workers. `cpus_per_worker` below 1 avoids the 2-CPU hang of STACK P3 on small machines."""
+    """Ray Train workers. `cpus_per_worker` below 1 avoids Ray's silent hang on 2-CPU machines
+    (whole-CPU workers leave none for data reads)."""
     num_workers: int = 4
     use_gpu: bool = True
     cpus_per_worker: float | None = None
@@ -94,7 +95,7 @@ class PrecisionConfig:
     """Mixed precision: "auto" = fp16 + GradScaler on CUDA, bf16 autocast on CPU; or "fp16", "bf16", "fp32"."""
     amp: str = "auto"
     sync_bn: bool = True
-    skip_loss_above: float | None = 2e5  # the authors skip a batch whose loss explodes (SPEC §6)
+    skip_loss_above: float | None = 2e5  # the authors skip a batch whose loss explodes (docs/method.md §7)
 
 
 @dataclass(frozen=True)

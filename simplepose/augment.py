@@ -1,7 +1,7 @@
-"""Training augmentation: one affine warp of image, masks and keypoints around the main person (SPEC §3.1).
+"""Training augmentation: one affine warp of image, masks and keypoints around the main person (docs/method.md §4.1).
 
 Simple Pose (Li, Su, Wang, AAAI 2020); the reference is the authors' `py_data_transformer.py` at HEAD `0fa17df`,
-re-implemented from SPEC §3.1 and §15.1 and checked against golden G5 and the affines of
+re-implemented (docs/method.md §4.1) and checked against golden G5 and the affines of
 `fixtures/targets_coco_mini.npz`.
 
 Randomness comes only from an explicit `numpy.random.Generator`; `sample_params` draws the parameters and
@@ -29,7 +29,7 @@ MASK_TILE = 64  # crop pixels per side of the tiles `_warp_mask_miss` warps or s
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentation ranges; defaults are the reference's HEAD `config.py` (512 input, SPEC §3.1)."""
+    """Augmentation ranges; defaults are the reference's HEAD `config.py` (512 input, docs/method.md §4.1)."""
 
     crop_size: int = 512  # square network input, pixels
     target_dist: float = 0.6  # main person's bbox height as a fraction of the crop (before aug scale)
@@ -61,7 +61,7 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
-    """One draw of the augmentation. The defaults are the un-randomised (validation) draw (SPEC §3.2)."""
+    """One draw of the augmentation. The defaults are the un-randomised (validation) draw (docs/method.md §4.2)."""
 
     flip: bool = False
     rotation: float = 0.0  # degrees; R = [[cos, sin], [-sin, cos]] as in the reference
@@ -71,7 +71,7 @@ class AugmentParams:
 
 
 def sample_params(config: AugmentConfig, rng: np.random.Generator) -> AugmentParams:
-    """Draw one augmentation with the reference's distributions (SPEC §3.1) from `rng`."""
+    """Draw one augmentation with the reference's distributions (docs/method.md §4.1) from `rng`."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"sample_params: rng must be a numpy.random.Generator, got {type(rng).__name__}")
     # One vector of uniforms: each scalar draw from a Generator costs about a microsecond of call overhead.
@@ -91,12 +91,12 @@ def sample_params(config: AugmentConfig, rng: np.random.Generator) -> AugmentPar
 
 def affine_matrix(center: tuple[float, float], scale_provided: float, params: AugmentParams,
                   config: AugmentConfig = AugmentConfig()) -> np.ndarray:
-    """Source-to-crop affine (2, 3) float64 (SPEC §3.1, G5).
+    """Source-to-crop affine (2, 3) float64 (docs/method.md §4.1, G5 in §13).
 
     M = T(S/2 - 0.5 + dx, S/2 - 0.5 + dy) . F . Scale(s) . R(rotation) . T(-cx, -cy), with S the crop size,
     F = diag(-1, 1) when flipping and s = target_dist / (scale_provided * S / (S - 1)) * params.scale.
     center: (cx, cy) main person's bbox centre, source pixels; scale_provided: bbox height / crop size.
-    The S / (S - 1) factor is an odd HEAD-only tweak of the reference, kept for parity (SPEC §3.1).
+    The S / (S - 1) factor is an odd HEAD-only tweak of the reference, kept for parity (docs/method.md §4.1).
     """
     if not scale_provided > 0:
         raise ValueError(f"affine_matrix: scale_provided must be > 0, got {scale_provided!r}")
@@ -222,7 +222,7 @@ def visible_box(matrix: np.ndarray, crop_size: int, height: int, width: int) -> 
 @dataclasses.dataclass(frozen=True)
 class Warped:
     """A source warped to the crop: image uint8 (S, S, 3) BGR, the network input before
-    `simplepose.model.network_input` turns it into float BGR / 255 (SPEC §3.1; done on the accelerator, it
+    `simplepose.model.network_input` turns it into float BGR / 255 (docs/method.md §4.4; done on the accelerator, it
     moves a quarter of the bytes and spares the CPU a float pass); masks float32 (S/stride, S/stride) in [0, 1].
     """
 
@@ -235,7 +235,7 @@ def warp(source: SourceImage, matrix: np.ndarray, config: AugmentConfig = Augmen
          stride: int = 4, image_out: np.ndarray | None = None) -> Warped:
     """Warp image and masks with `matrix` (INTER_LINEAR, constant borders: the BGR border colour, 255 for
     mask_miss so out-of-image areas are supervised, 0 for mask_all), then resize the masks to the target grid
-    with INTER_AREA and scale them to [0, 1] (SPEC §2.5, §3.1). The crop size must be a multiple of stride.
+    with INTER_AREA and scale them to [0, 1] (docs/method.md §3.5, §4.1). The crop size must be a multiple of stride.
     image_out: optional uint8 (S, S, 3) C-contiguous array to write the image into (e.g. a row of a batch)."""
     size = config.crop_size
     if size % stride:

@@ -5,7 +5,7 @@ Our format (`FORMAT`): one `torch.save` file holding a plain dict
 "metadata": {...JSON-like provenance...}}`, readable with `torch.load(weights_only=True)`: never a pickled
 module.
 
-The authors' format (hellojialee/Improved-Body-Parts, `train_distributed.py`, SPEC §4.5):
+The authors' format (hellojialee/Improved-Body-Parts, `train_distributed.py`, docs/method.md §5.5):
 `{"weights": {"posenet.<key>": tensor}, "epoch": int, ...}`, keys maybe prefixed by `module.` (DDP). Their key
 names equal ours after stripping the prefixes, so conversion is a pure key mapping with count and shape checks
 (`convert_reference_state_dict`). The weights themselves are distributed by the authors under their terms.

@@ -1,9 +1,9 @@
 """COCO keypoints: annotation files to training samples, detections to results files and COCOeval stats.
 
-Training samples follow the reference's offline preprocessing (`data/coco_masks_hdf5.py`, SPEC §3.3, §15.1):
+Training samples follow the reference's offline preprocessing (`data/coco_masks_hdf5.py`, docs/method.md §4.3):
 one sample per *main person*, holding every other annotated person of the image too. `build_sample` turns a
 sample and its prepared image into the network's (image, mask, targets) triple with the augmentation of
-SPEC §3.1. Evaluation is the official pycocotools keypoint COCOeval, returned as data.
+docs/method.md §4.1. Evaluation is the official pycocotools keypoint COCOeval, returned as data.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _quietly(function, *args):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSample:
-    """One training sample: an image centred on one main person (SPEC §3.3).
+    """One training sample: an image centred on one main person (docs/method.md §4.3).
 
     keypoints: (P, 18, 3) float64, reference order, source-image pixels, recoded visibility; row 0 is the
         main person, then every other non-crowd person of the image with num_keypoints > 0.
@@ -124,7 +124,7 @@ def training_samples(coco, image_ids: Sequence[int] | None = None, min_keypoints
 
 
 def image_masks(coco, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mask_miss, mask_all) uint8 (H, W) in {0, 255} of one image (targets.person_masks, SPEC §2.5)."""
+    """(mask_miss, mask_all) uint8 (H, W) in {0, 255} of one image (targets.person_masks, docs/method.md §3.5)."""
     coco = load_coco(coco)
     if image_id not in coco.imgs:
         raise ValueError(f"image_masks: image id {image_id} not in the annotations")
@@ -135,7 +135,7 @@ def image_masks(coco, image_id: int) -> tuple[np.ndarray, np.ndarray]:
 def build_sample(source: SourceImage, sample: TrainingSample, rng: np.random.Generator | None = None,
                  augment_config: AugmentConfig = AugmentConfig(), target_config: TargetConfig = TargetConfig(),
                  params: AugmentParams | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One training sample: augment (tint, warp), move the keypoints, render the targets (SPEC §2, §3.1).
+    """One training sample: augment (tint, warp), move the keypoints, render the targets (docs/method.md §3, §4.1).
 
     source: the sample's image and masks (`SourceImage.from_arrays(image, *image_masks(coco, id))`).
     params: fixed augmentation (e.g. `AugmentParams()` for validation); drawn from `rng` when None.

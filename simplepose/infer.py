@@ -1,8 +1,8 @@
-"""Inference: images to heatmaps (resize/pad, network, flip and multi-scale averaging; SPEC §7, §15.3).
+"""Inference: images to heatmaps (resize/pad, network, flip and multi-scale averaging; docs/method.md §8).
 
 Paper: Li, Su, Wang, "Simple Pose: Rethinking and Improving a Bottom-up Approach for Multi-Person Pose
 Estimation", AAAI 2020. Reference code: hellojialee/Improved-Body-Parts (`evaluate.py::predict`), re-implemented
-from SPEC, not copied.
+from docs/method.md §8, not copied.
 
 The work is split into steps that a labeling job runs in different places:
   `preprocess`  (numpy/OpenCV, CPU)        image -> one padded uint8 input per scale (+ geometry)
@@ -41,9 +41,9 @@ class InferConfig:
     explicitly (one scale, stride-4 maps: several times less network work and no full-resolution maps).
 
     boxsize: pixels; a scale s resizes the image by factor s * boxsize / height (the height is normalised),
-      capped so that the resized image fits max_height x max_width (SPEC §7 step 1).
-    scales: positive multipliers, averaged with equal weights (capped duplicates included, SPEC §15.3).
-    flip: also run the horizontally flipped padded input and average (SPEC §1.4).
+      capped so that the resized image fits max_height x max_width (docs/method.md §8.1).
+    scales: positive multipliers, averaged with equal weights (capped duplicates included, docs/method.md §8.3).
+    flip: also run the horizontally flipped padded input and average (docs/method.md §8.2).
     aggregation: "reference" = x4 OpenCV cubic upsampling of each scale, crop, cubic resize to the original
       size, mean (maps at original resolution; identity `map_to_image`; runs on the host, like the authors').
       "stride4" = each scale resampled (torch bicubic, centre-aligned, no antialiasing) onto the stride-4
@@ -79,7 +79,7 @@ class InferConfig:
             raise ValueError(f"InferConfig: pad_value must be a uint8 value, got {self.pad_value}")
 
     def factor(self, scale: float, height: int, width: int) -> float:
-        """Resize factor of one scale for an image of height x width pixels, with the size caps (SPEC §7)."""
+        """Resize factor of one scale for a height x width image, with the size caps (docs/method.md §8.1)."""
         factor = scale * self.boxsize / height
         if factor * height > self.max_height or factor * width > self.max_width:
             factor = min(self.max_height / height, self.max_width / width)
@@ -148,7 +148,7 @@ class Heatmaps:
 
 
 def preprocess(image_bgr: np.ndarray, config: InferConfig = PAPER) -> list[ScaleInput]:
-    """One BGR uint8 (H, W, 3) image -> one padded network input per scale of `config` (SPEC §7, §15.3).
+    """One BGR uint8 (H, W, 3) image -> one padded network input per scale of `config` (docs/method.md §8.1).
 
     OpenCV bicubic resize with fx = fy = factor (output size (cvRound(W f), cvRound(H f))), then padding on
     the bottom and right with `config.pad_value` up to multiples of `config.multiple`. Pure numpy/OpenCV.
@@ -209,7 +209,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: InferConfig = PAPER, *,
                  dtype: torch.dtype | None = None, channels_last: bool = False,
                  batch_size: int = 8) -> list[torch.Tensor]:
-    """Run the network on padded inputs of any sizes; flip-average (SPEC §15.3) on the model's device.
+    """Run the network on padded inputs of any sizes; flip-average (docs/method.md §8.2) on the model's device.
 
     Returns, per input, the last stack's stride-4 output float32 (50, Hp/4, Wp/4) on the model's device.
     Up to `batch_size` inputs (x2 with flip) of one padded shape go through the network at once.
@@ -251,7 +251,7 @@ def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: I
 
 def upsample_reference(maps: np.ndarray, resized_shape: tuple[int, int], image_size: tuple[int, int],
                        stride: int = 4) -> np.ndarray:
-    """The authors' upsampling of one scale (SPEC §7 step 5): float32 (C, h4, w4) stride-4 maps of the padded
+    """The authors' upsampling of one scale (docs/method.md §8.3): float32 (C, h4, w4) stride-4 maps of the padded
     input -> float32 (C, H, W) at the original image size.
 
     OpenCV INTER_CUBIC x`stride` of the whole map, crop the top-left (rh, rw) = `resized_shape`, INTER_CUBIC

@@ -1,4 +1,4 @@
-"""Multi-scale, multi-stack focal L2 loss of Simple Pose: IMHN outputs + targets + mask to a scalar (SPEC §5).
+"""Multi-scale, multi-stack focal L2 loss: IMHN outputs + targets + mask to a scalar (docs/method.md §6).
 
 Paper: Li, Su, Wang, "Simple Pose", AAAI 2020, focal L2 loss; original code hellojialee/Improved-Body-Parts
 (`models/loss_model.py::MultiTaskLoss`, `models/loss_model_parallel.py::MultiTaskLossParallel`).
@@ -33,10 +33,10 @@ LOG = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss parameters; the defaults are the authors' training code (SPEC §5, preset "reference").
+    """Loss parameters; the defaults are the authors' training code (docs/method.md §6, preset "reference").
 
     focal_gamma 0 gives the plain L2. stack_weights None means 1 for every stack. threshold_mask: pooled mask
-    values below 0.5 become 0 (SPEC §2.6); False keeps the raw bilinear mask (MultiTaskLossParallel).
+    values below 0.5 become 0 (docs/method.md §3.6); False keeps the raw bilinear mask (MultiTaskLossParallel).
     """
 
     focal_alpha: float = 0.0
@@ -108,7 +108,7 @@ def multitask_loss(predictions: list[list[torch.Tensor]], targets: torch.Tensor,
     predictions: per stack, the 5 (N,50,h_j,w_j) maps of `IMHN.forward`, highest resolution first (any float
     dtype, e.g. bf16 under autocast; the loss is computed in float32). targets: float (N,50,H,W) at the
     resolution of predictions[*][0]; mask: float (N,1,H,W) in [0, 1] (0 = ignore). Both are pooled to every
-    scale with `simplepose.targets.pool_targets` (SPEC §2.6).
+    scale with `simplepose.targets.pool_targets` (docs/method.md §3.6).
     Returns (total float32 scalar with grad, per_scale: L_j = stack-weighted mean of L(i, j) for each scale,
     divided by N when config.divide_by_batch, as Python floats for logging).
     """

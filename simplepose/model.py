@@ -3,7 +3,7 @@
 Paper: J. Li, W. Su, Z. Wang, "Simple Pose: Rethinking and Improving a Bottom-up Approach for Multi-Person
 Pose Estimation", AAAI 2020 (arXiv 1911.10529).
 Original code: https://github.com/hellojialee/Improved-Body-Parts (`models/posenet.py`,
-`models/layers_transposed.py`), re-implemented here from SPEC §4 and §15.2 without copying it.
+`models/layers_transposed.py`), re-implemented here (docs/method.md §5) without copying it.
 Weights: the authors' released checkpoint `PoseNet_52_epoch.pth` is distributed by them, not by this project;
 check the license and terms of their repository before using it. It loads through
 `simplepose.checkpoint.load_model`, which only renames keys: module and attribute names below reproduce the
@@ -42,7 +42,7 @@ _DILATIONS = (3, 3, 4, 4, 5, 5)
 
 def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 BGR images (N, H, W, 3) -> the network's input float32 (N, 3, H, W) = BGR / 255 (no mean or std,
-    SPEC §3.1). Call it where the model runs: uint8 crosses to the accelerator in a quarter of the bytes.
+    docs/method.md §4.4). Call it where the model runs: uint8 crosses to the accelerator in a quarter of the bytes.
     channels_last: return that memory format (the NHWC source already is, so it costs no copy)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"network_input: images must be uint8 (N, H, W, 3) BGR, got {images.dtype} "
@@ -53,7 +53,7 @@ def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Te
 
 @dataclasses.dataclass(frozen=True)
 class IMHNConfig:
-    """Size of an IMHN. The defaults are the authors' released model (SPEC §4).
+    """Size of an IMHN. The defaults are the authors' released model (docs/method.md §5).
 
     stacks: hourglass stages (>= 1); width: channels of the stem output, the stride-4 hourglass level and
     every head (multiple of 16); increase: channels added per hourglass level (even, >= 0);
@@ -141,7 +141,7 @@ class SELayer(nn.Module):
 
 class Stem(nn.Module):
     """Backbone to stride 4: (N,3,H,W) -> (N,width,H/4,W/4) = concat([a, b]) where a is the residual branch
-    (width/2 channels) and b = the 6 dilated convs (dilations 3,3,4,4,5,5) chained on a (SPEC §4.2, §15.2)."""
+    (width/2 channels) and b = the 6 dilated convs (dilations 3,3,4,4,5,5) chained on a (docs/method.md §5.2)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -159,7 +159,7 @@ class Stem(nn.Module):
 
 
 class Hourglass(nn.Module):
-    """Order-4 hourglass of bottleneck residuals (SPEC §4.3).
+    """Order-4 hourglass of bottleneck residuals (docs/method.md §5.3).
 
     (N,C_0,H,W) -> 5 maps, highest resolution first: [output (C_0, H), low2@d0 (C_1, H/2), ...,
     low2@d3 (C_4, H/16)]. `hg[d]` = [skip Residual(C_d,C_d), down Residual(C_d,C_{d+1}) after a 2x2 max-pool,
@@ -216,7 +216,7 @@ class Merge(nn.Module):
 
 
 class IMHN(nn.Module):
-    """Identity Mapping Hourglass Network (SPEC §4).
+    """Identity Mapping Hourglass Network (docs/method.md §5).
 
     forward(x): x float (N,3,H,W), BGR / 255 (no mean/std normalisation), H and W multiples of 64.
     Returns a list over stacks of lists of 5 tensors (N,outputs,H/4/2^j,W/4/2^j), j = 0 (stride 4) first.
@@ -246,7 +246,7 @@ class IMHN(nn.Module):
         return cls(**dataclasses.asdict(config))
 
     def reset_parameters(self) -> None:
-        """Training init of the reference (SPEC §4.5): conv weights N(0, 0.001^2), linear N(0, 0.01^2),
+        """Training init of the reference (docs/method.md §5.5): conv weights N(0, 0.001^2), linear N(0, 0.01^2),
         biases 0, BN gamma 1 and beta 0."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -281,7 +281,7 @@ class IMHN(nn.Module):
                 # In eval mode the second run would give the same tensors, so they are reused.
                 merged_preds[0] = self.merge_preds[i][0](preds[0])
                 merged_feats[0] = self.merge_features[i][0](feats[0])
-            x = (x + merged_preds[0]) + merged_feats[0]  # left to right, as the reference rounds (§15.2)
+            x = (x + merged_preds[0]) + merged_feats[0]  # left to right, as the reference rounds (docs/method.md §5.4)
         return predictions
 
     def _check_input(self, x: torch.Tensor) -> None:

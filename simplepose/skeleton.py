@@ -1,4 +1,4 @@
-"""Keypoints, body parts, channel layout and flip maps: the one source of truth (SPEC §1).
+"""Keypoints, body parts, channel layout and flip maps: the one source of truth (docs/method.md §1).
 
 Two keypoint orders exist:
 * the **reference order** (18 keypoints: COCO's 17 plus the neck, CMU/OpenPose order) used by the network's
@@ -7,7 +7,7 @@ Two keypoint orders exist:
 
 Visibility conventions:
 * COCO: 0 = not labelled, 1 = labelled but occluded, 2 = labelled and visible.
-* reference ("recoded", SPEC §1.1): 0 = labelled occluded, 1 = labelled visible, 2 = absent.
+* reference ("recoded", docs/method.md §1.1): 0 = labelled occluded, 1 = labelled visible, 2 = absent.
   A keypoint is *used* when its recoded visibility is < 2.
 """
 from __future__ import annotations
@@ -48,13 +48,13 @@ LIMBS: tuple[tuple[int, int], ...] = (
     (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
     (12, 13), (0, 2), (0, 5), (2, 8), (8, 12), (5, 11), (11, 9), (16, 2), (17, 5), (8, 11),
 )
-"""The 30 body parts as (from, to) reference keypoint indices, in the reference order (SPEC §1.2).
+"""The 30 body parts as (from, to) reference keypoint indices, in the reference order (docs/method.md §1.2).
 The order matters: the greedy assembly walks limbs in this order with `from` as the anchor."""
 
 NUM_KEYPOINTS = len(KEYPOINTS)  # 18
 NUM_LIMBS = len(LIMBS)  # 30
 
-# Output channel layout (SPEC §1.3).
+# Output channel layout (docs/method.md §1.3).
 LIMB_CHANNELS = slice(0, NUM_LIMBS)  # 0-29 body-part heatmaps
 KEYPOINT_START = NUM_LIMBS  # 30
 KEYPOINT_CHANNELS = slice(KEYPOINT_START, KEYPOINT_START + NUM_KEYPOINTS)  # 30-47 keypoint heatmaps
@@ -64,7 +64,7 @@ NUM_CHANNELS = 50
 
 LEFT_KEYPOINTS: tuple[int, ...] = (5, 6, 7, 11, 12, 13, 15, 17)
 RIGHT_KEYPOINTS: tuple[int, ...] = (2, 3, 4, 8, 9, 10, 14, 16)
-"""Reference indices swapped pairwise when a training sample is mirrored (SPEC §1.4)."""
+"""Reference indices swapped pairwise when a training sample is mirrored (docs/method.md §1.4)."""
 
 KEYPOINT_FLIP: tuple[int, ...] = tuple(
     {**dict(zip(LEFT_KEYPOINTS, RIGHT_KEYPOINTS)), **dict(zip(RIGHT_KEYPOINTS, LEFT_KEYPOINTS))}.get(k, k)
@@ -85,7 +85,7 @@ FLIP_CHANNEL_ORDER: tuple[int, ...] = FLIP_LIMB_ORDER + tuple(KEYPOINT_START + c
 
 
 def coco_to_reference(keypoints: np.ndarray) -> np.ndarray:
-    """COCO keypoints to reference keypoints with recoded visibility and the neck (SPEC §1.1, §15.1).
+    """COCO keypoints to reference keypoints with recoded visibility and the neck (docs/method.md §1.1).
 
     keypoints: (P, 17, 3) or (17, 3) float, COCO order, (x, y, v) with COCO visibility (0/1/2), pixels.
     Returns (P, 18, 3) or (18, 3) float64 in reference order, v recoded (2->1, 1->0, 0->2). The neck is the

@@ -1,7 +1,7 @@
-"""Ground truth: keypoints to the 50 target heatmaps, COCO person masks, multi-scale targets (SPEC §2).
+"""Ground truth: keypoints to the 50 target heatmaps, COCO person masks, multi-scale targets (docs/method.md §3).
 
 Simple Pose (Li, Su, Wang, AAAI 2020); the reference is the authors' `py_data_heatmapper.py` at HEAD `0fa17df`,
-re-implemented from SPEC §2 and checked against `fixtures/targets_coco_mini.npz` and goldens G1-G4.
+re-implemented (docs/method.md §3) and checked against `fixtures/targets_coco_mini.npz` and goldens G1-G4.
 
 Grid convention: a target map at stride s has cell (row i, col j) standing for the input pixel
 (s*j + s/2 - 0.5, s*i + s/2 - 0.5), pixel centres at integer coordinates (so (4j + 1.5, 4i + 1.5) at stride 4).
@@ -37,12 +37,12 @@ _ERODE_KERNEL = np.ones((3, 3), np.uint8)
 
 @dataclasses.dataclass(frozen=True)
 class TargetConfig:
-    """How keypoints become target heatmaps. Defaults are the reference's HEAD values (SPEC §2, §15.1).
+    """How keypoints become target heatmaps. Defaults are the reference's HEAD values (docs/method.md §3).
 
     style "reference": keypoint Gaussians filled in a square window (never truncated by value, max over
     persons); body parts are a Gaussian of the distance to the limb's infinite line inside the endpoints'
     bounding box grown by `limb_margin`, values <= `limb_threshold` raised to `limb_floor`, mean over persons.
-    style "paper": the paper's description (SPEC §10.1): keypoint Gaussians truncated by value
+    style "paper": the paper's description (docs/method.md §3.7, §11.1): keypoint Gaussians truncated by value
     (< `keypoint_threshold` -> 0); body parts a Gaussian of the perpendicular distance inside the ellipse whose
     major axis is the limb segment and whose minor semi-axis is where that Gaussian falls to `limb_threshold`,
     zero elsewhere, max over persons. `limb_floor` and `limb_margin` are not used.
@@ -98,7 +98,7 @@ def cell_centres(n: int, stride: int) -> np.ndarray:
 
 def render_heatmaps(keypoints: np.ndarray, grid_shape: tuple[int, int], config: TargetConfig = TargetConfig(),
                     person_mask: np.ndarray | None = None) -> np.ndarray:
-    """Target stack for the persons of one image (SPEC §2).
+    """Target stack for the persons of one image (docs/method.md §3).
 
     keypoints: (P, 18, 3) float, reference order, (x, y) in input pixels of the image the grid covers, recoded
         visibility (0 occluded, 1 visible, 2 absent); a keypoint is used iff v < 2. P may be 0.
@@ -334,7 +334,7 @@ def _limb_boxes(a: np.ndarray, b: np.ndarray, length: np.ndarray, config: Target
 
 
 def person_masks(annotations: Iterable[Mapping], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """COCO person masks of one image (SPEC §2.5): (mask_miss, mask_all), uint8 (height, width) in {0, 255}.
+    """COCO person masks of one image (docs/method.md §3.5): (mask_miss, mask_all), uint8 (height, width) in {0, 255}.
 
     annotations: the image's COCO person annotations in file order (dicts with `segmentation`, `iscrowd`,
         `num_keypoints`; polygons, RLE or uncompressed RLE).
@@ -390,7 +390,7 @@ def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 
 def pool_targets(targets: torch.Tensor, mask: torch.Tensor, num_scales: int = 5,
                  mask_threshold: float | None = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Targets and mask at the network's output scales, highest resolution first (SPEC §2.6).
+    """Targets and mask at the network's output scales, highest resolution first (docs/method.md §3.6).
 
     targets: (N, C, H, W) float; mask: (N, 1, H, W) float in [0, 1]; H and W divisible by 2**(num_scales-1).
     Scale k (size H/2**k): targets by adaptive average pooling (exact block means), the mask by bilinear

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-# Settings every test process needs before Ray, MLflow or botocore are imported (notes/STACK.md P9, P10, P15).
+# Settings every test process needs before Ray, MLflow or botocore are imported
+# (docs/architecture.md, "Ray and the stack").
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

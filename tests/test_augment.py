@@ -1,4 +1,4 @@
-"""Augmentation (simplepose.augment): the affine of SPEC §3.1 (golden G5, the fixtures' affines), parameter
+"""Augmentation (simplepose.augment): the affine of docs/method.md §4.1 (golden G5, the fixtures' affines), parameter
 draws, the flip's left/right swap, tint, and the warp of image and masks with their borders."""
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_authors_format(tiny, prefix, save_kwargs):
 
 def test_released_keys_map_to_imhn(fixtures_dir):
     """Every entry of the released checkpoint maps by name, shape and dtype to IMHN(4, 256, 128, 50), in the
-    same order: IMHN reproduces the reference module layout (SPEC §4.5)."""
+    same order: IMHN reproduces the reference module layout (docs/method.md §5.5)."""
     state = {}
     for line in (fixtures_dir / "released_checkpoint_keys.tsv").read_text().splitlines():
         key, shape, dtype = line.split("\t")

@@ -70,7 +70,7 @@ def test_log_parabola_recovers_gaussian_centre_and_peak(x, y, sigma):
 
 
 def test_reference_centroid_keeps_the_axis_swap_bug():
-    """SPEC §13 G7: a sigma-2 peak at (10.6, 20.0), anchor (11, 20) -> (11.0, 19.834, 0.6256)."""
+    """docs/method.md §13 G7: a sigma-2 peak at (10.6, 20.0), anchor (11, 20) -> (11.0, 19.834, 0.6256)."""
     maps = torch.zeros(18, 40, 40)
     maps[0] = torch.from_numpy(gaussian((40, 40), 10.6, 20.0, 2.0))
     peaks = reference_peaks(maps, REFERENCE)

@@ -1,4 +1,4 @@
-"""Reference mode against the authors' recorded decoder outputs (fixtures/README.md; SPEC §8, §13 G8, §15)."""
+"""Reference mode against the authors' recorded decoder outputs (fixtures/README.md; docs/method.md §9, §13 G8)."""
 from __future__ import annotations
 
 import json
@@ -34,7 +34,7 @@ def test_g8_peaks_connections_and_persons_exactly(fixtures_dir):
     people = find_people(connections, special_k, candidates.scores, REFERENCE)
     np.testing.assert_array_equal(people, g8["subset"])
     poses = assemble(candidates, REFERENCE)
-    np.testing.assert_allclose(poses.scores, [0.91623, 0.88598], atol=1e-5)  # SPEC §13 G8 COCO scores
+    np.testing.assert_allclose(poses.scores, [0.91623, 0.88598], atol=1e-5)  # docs/method.md §13 G8 COCO scores
 
 
 def test_assembly_random_every_case(fixtures_dir):

@@ -158,7 +158,7 @@ def test_show_tables_prints_statuses_failures_and_best_poses(tmp_path, capsys):
 
 
 def run_interruptibly(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run with a timeout that sends SIGINT (Ray cleans up on SIGINT, not on SIGKILL: notes/STACK.md P11)."""
+    """Run with a timeout that sends SIGINT (Ray cleans up on SIGINT, not on SIGKILL)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         output, _ = process.communicate(timeout=timeout)

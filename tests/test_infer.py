@@ -1,6 +1,6 @@
 """Inference: resize/pad geometry, flip averaging, reference upsampling, stride-4 mapping, batching.
 
-SPEC §7 and §15.3.
+docs/method.md §8.
 """
 from __future__ import annotations
 

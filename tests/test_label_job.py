@@ -19,7 +19,7 @@ from pipelines.label import LabelJobConfig, run_label_job
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error", "random.jpg": "decode_error",
           "notes.txt": "decode_error"}
-# Small pools and fractional CPUs: the whole graph fits the fixture's 2 CPUs (notes/STACK.md P3).
+# Small pools and fractional CPUs: the whole graph fits the fixture's 2 CPUs (whole-CPU actors can hang Ray).
 SMALL = dict(boxsize=128, decode_actors=(1, 1), network_actors=(1, 1), assemble_actors=(1, 1), network_cpus=0.5,
              read_batch_size=4, decode_batch_size=2, network_batch_size=2, assemble_batch_size=4,
              progress_interval_s=1.0)

@@ -1,4 +1,4 @@
-"""Loss: the authors' golden values (SPEC §13 G6/G6b), every preset, precision and bad input."""
+"""Loss: the authors' golden values (docs/method.md §13 G6/G6b), every preset, precision and bad input."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from simplepose.model import IMHN
 
 
 def g6_inputs(mask_kind: str):
-    """SPEC §13 G6: N = 1, 50 channels, 16x16 targets, 4 stacks of constant predictions 0.1*(i+1)."""
+    """docs/method.md §13 G6: N = 1, 50 channels, 16x16 targets, 4 stacks of constant predictions 0.1*(i+1)."""
     c, y, x = np.ogrid[:50, :16, :16]
     targets = ((256 * c + 16 * y + x) % 97) / 96.0
     targets[:, ::3, :] = 0
@@ -40,7 +40,7 @@ def test_golden_values(mask_kind, preset, expected):
 
 
 def test_plain_l2_hand_check():
-    """The 'l2' value of G6 recomputed in float64 numpy from SPEC §5 and §2.6 alone: block means for the
+    """The 'l2' value of G6 recomputed in float64 numpy from docs/method.md §6 and §3.6 alone: block means for the
     targets; for the mask, bilinear downsampling by 2^k averages the central 2x2 of each block, then < 0.5 -> 0."""
     predictions, targets, mask = g6_inputs("G6")
     g, m = targets[0].double().numpy(), mask[0, 0].double().numpy()

@@ -22,7 +22,7 @@ def test_released_config_parameter_count_and_parts():
         model = IMHN()
     assert model.config == IMHNConfig(4, 256, 128, 50)
     assert count(model) == 128_998_760
-    # SPEC §4.5, by module
+    # docs/method.md §5.5, by module
     assert [count(getattr(model, name)) for name in
             ("pre", "hourglass", "features", "outs", "merge_features", "merge_preds")] == [
         1_007_680, 89_774_080, 35_579_200, 257_000, 1_981_440, 399_360]
@@ -30,7 +30,7 @@ def test_released_config_parameter_count_and_parts():
 
 
 def test_parity_with_reference_network(fixtures_dir):
-    """The authors' PoseNet(nstack=2, inp_dim=256, increase=16), loaded from their file format (SPEC §4)."""
+    """The authors' PoseNet(nstack=2, inp_dim=256, increase=16), loaded from their file format (docs/method.md §5)."""
     weights = np.load(fixtures_dir / "imhn_ref_s2i16_weights.npz")
     recorded = np.load(fixtures_dir / "imhn_ref_s2i16_io.npz")
     buffer = io.BytesIO()
@@ -87,7 +87,7 @@ def test_channels_last_and_bf16_autocast_match_fp32(tiny_model):
 
 
 def test_training_updates_first_merge_statistics_twice():
-    """The reference runs merge_preds[i][0] and merge_features[i][0] twice per stage (SPEC §4.4)."""
+    """The reference runs merge_preds[i][0] and merge_features[i][0] twice per stage (docs/method.md §5.4)."""
     model = IMHN(**TINY).train()
     model(torch.rand(2, 3, 64, 64))
     assert model.merge_preds[0][0].conv.bn.num_batches_tracked.item() == 2

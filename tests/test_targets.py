@@ -1,4 +1,4 @@
-"""Ground-truth heatmaps (simplepose.targets): parity with the reference fixtures, goldens G1-G4 (SPEC §13),
+"""Ground-truth heatmaps (simplepose.targets): parity with the reference fixtures, goldens G1-G4 (docs/method.md §13),
 the paper style, person masks and multi-scale pooling."""
 from __future__ import annotations
 

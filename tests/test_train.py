@@ -1,6 +1,6 @@
 """Ray Train integration: 2 CPU workers (gloo DDP, bf16 autocast) train a tiny IMHN on coco-mini read from a
 real loopback S3 server, checkpoint to S3, log to a real SQLite MLflow store, register the model; re-running
-the run name resumes from the checkpoint. Each `fit()` costs ~20 s of Ray overhead (STACK P8): two fits."""
+the run name resumes from the checkpoint. Each `fit()` costs ~20 s of Ray overhead: two fits."""
 from __future__ import annotations
 
 import uuid

@@ -3,7 +3,7 @@
 Forward only, under `torch.inference_mode()`, on random input; weights are random with a scale-preserving
 init (the training init, std 0.001, drives activations into float32 denormals, which are slow on CPUs and
 unlike trained weights) unless --checkpoint gives real ones. The paper's figure is 38.5 images/s on one
-RTX 2080 Ti at 512x512 (SPEC §11); the reference forward takes about 6 s per 512x512 image on 2 CPU cores.
+RTX 2080 Ti at 512x512 (docs/method.md §14); the reference forward takes about 6 s per 512x512 image on 2 CPU cores.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`simplepose bench targets`: training samples per second per core (augmentation + ground truth).
 
-As in the reference's HDF5 pipeline (SPEC §3.3), images are decoded and their person masks computed once,
+As in the reference's HDF5 pipeline (docs/method.md §4.3), images are decoded and their person masks computed once,
 before timing. The timed loop is what a data-loader worker does per batch (`simplepose.coco.build_samples`):
 per sample, draw the augmentation, tint, warp image and masks, move the keypoints; then render the 50 target
 maps of the whole batch in one pass. Images stay uint8: the training loop makes them float on its device

@@ -1,4 +1,4 @@
-"""Keypoint assignment: heatmaps to persons, in two stages (SPEC §8; DESIGN "Decoding is split in two").
+"""Keypoint assignment: heatmaps to persons, in two stages (docs/method.md §9; DESIGN "Decoding is split in two").
 
 `find_candidates` (torch, on the maps' device): peaks with sub-cell positions and scores, and body-part
 scores of candidate pairs; only small numpy arrays come out (`Candidates`, picklable).
@@ -7,7 +7,7 @@ Bounded on any maps: `DecoderConfig.max_candidates` peaks per type and `max_pers
 `select_poses(poses, POSE_FLOOR)`: the output floor of the labeling tables, `simplepose render` and
 `simplepose.Predictor` (`PoseFloor`: min_person_score, min_keypoints), applied after `assemble`.
 `DecoderConfig(mode="reference")` is the authors' decoder bug for bug (Li, Su, Wang, "Simple Pose", AAAI 2020;
-code `hellojialee/Improved-Body-Parts`, read through SPEC.md only); `mode="default"` is ours.
+code `hellojialee/Improved-Body-Parts`, re-implemented from docs/method.md §11, not copied); `mode="default"` is ours.
 """
 from __future__ import annotations
 

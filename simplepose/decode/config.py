@@ -1,4 +1,4 @@
-"""Decoder configuration: the authors' thresholds plus one named switch per improvement (SPEC §8, §10.2)."""
+"""Decoder configuration: the authors' thresholds plus one named switch per improvement (docs/method.md §9, §12)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,12 +13,12 @@ PERSON_SCORES = ("keypoint_sum", "reference")
 class DecoderConfig:
     """How heatmaps become persons.
 
-    `mode="reference"` reproduces the authors' decoder bug for bug (SPEC §8, §15.4-15.6) on maps at original
+    `mode="reference"` reproduces the authors' decoder bug for bug (docs/method.md §9.1-§9.4) on maps at original
     image resolution (identity `map_to_image`); the improvement switches below are then ignored.
     `mode="default"` is our decoder: it works on maps of any stride (stride 4 in production) and every switch
     below is an improvement over the reference that can be turned off alone to measure its effect.
 
-    The thresholds are the authors' values (`utils/config`, SPEC §8): they apply to both modes.
+    The thresholds are the authors' values (`utils/config`, docs/method.md §9): they apply to both modes.
     """
 
     mode: str = "default"
@@ -33,10 +33,10 @@ class DecoderConfig:
     min_mean_score: float = 0.45  # persons with total / count below this are dropped (reference)
 
     # --- improvements, used by mode="default" only (each one a measurable switch) ---
-    tie_free_nms: bool = True  # a plateau of equal maxima gives one peak, not one per cell (§10.2 NMS ties)
+    tie_free_nms: bool = True  # a plateau of equal maxima gives one peak, not one per cell (docs/method.md §11.2)
     refinement: str = "log_parabola"  # sub-cell peak position: exact for a Gaussian peak ("centroid": the
     # authors' 5x5 centroid with the axis swap fixed; "none": cell centres)
-    peak_value_score: bool = True  # keypoint score = refined peak value, not the 5x5 mean (§8.1)
+    peak_value_score: bool = True  # keypoint score = refined peak value, not the 5x5 mean (docs/method.md §9.1)
     pair_samples: int = 10  # samples per pair (reference: min(round(length + 1), max_samples) at full size)
     bilinear_samples: bool = True  # read body-part maps bilinearly along the pair (reference: nearest cell)
     distance_prior: bool = False  # the reference's penalty on limbs longer than half the image height

@@ -1,5 +1,5 @@
 """Body-part maps to scored candidate pairs: every (from, to) candidate pair of each of the 30 body parts is
-scored by sampling its body-part map along the segment, all limbs at once (SPEC §8.2, §15.5).
+scored by sampling its body-part map along the segment, all limbs at once (docs/method.md §9.2).
 
 Runs in torch on the maps' device. Coordinates are map cells (x = column, y = row); lengths for the distance
 prior are in original image pixels (`scale` = image pixels per map cell).
@@ -57,13 +57,13 @@ def enumerate_pairs(types: torch.Tensor, images: torch.Tensor | None = None, n_i
 
 def _distance_prior(lengths: torch.Tensor, image_height: float) -> torch.Tensor:
     """min(0.5 * image height / length - 1, 0): the authors' penalty on limbs longer than half the image height
-    (their argument is named image width but receives the height, SPEC §8.2)."""
+    (their argument is named image width but receives the height, docs/method.md §9.2)."""
     return torch.clamp(0.5 * image_height / lengths - 1.0, max=0.0)
 
 
 def reference_pair_scores(limb_maps: torch.Tensor, xy: torch.Tensor, types: torch.Tensor, image_height: float,
                           config: DecoderConfig) -> Pairs:
-    """The authors' find_connections scoring, exactly (SPEC §8.2, §15.5): identity map (1 cell = 1 pixel).
+    """The authors' find_connections scoring, exactly (docs/method.md §9.2): identity map (1 cell = 1 pixel).
 
     limb_maps: float32/float64 (30, H, W); xy: float64 (N, 2). n = min(round(norm + 1), max_samples) samples
     at numpy-linspace positions (endpoints included), each read at the nearest cell (round half to even);

@@ -1,4 +1,4 @@
-"""Keypoint heatmaps to keypoint candidates: 3x3 non-maximum suppression and sub-cell refinement (SPEC §8.1).
+"""Keypoint heatmaps to keypoint candidates: 3x3 non-maximum suppression and sub-cell refinement (docs/method.md §9.1).
 
 Runs in torch on the maps' device; only the (N,) candidate arrays leave it. Coordinates are map coordinates:
 cell (row i, col j) is the point (x=j, y=i); `simplepose.decode` maps them to image pixels.
@@ -68,7 +68,7 @@ class _Maxima:
 
 
 def _local_maxima(batch: list[torch.Tensor], threshold: float) -> _Maxima:
-    """Cells >= threshold and >= each in-map 8-neighbour (SPEC §15.4: ties all survive here), for a batch of
+    """Cells >= threshold and >= each in-map 8-neighbour (docs/method.md §9.1: ties all survive here), for a batch of
     maps (18, h_i, w_i). Only the few cells above the threshold are compared, not the whole maps; the work
     after the per-image scan and gather is one set of tensor operations for the batch.
     Raises ValueError on NaN/inf values read."""
@@ -107,7 +107,7 @@ def _windows(maps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tens
 
 
 def reference_peaks(maps: torch.Tensor, config: DecoderConfig) -> Peaks:
-    """The authors' find_peaks, bugs included (SPEC §8.1, §15.4).
+    """The authors' find_peaks, bugs included (docs/method.md §9.1).
 
     maps: float32 or float64 (18, H, W) at original image resolution; peaks are found on the float32 cast.
     Every plateau cell is a peak (ties survive). Refinement: the centroid of the raw (2r+1)^2 window with the

@@ -1,4 +1,4 @@
-"""The authors' greedy assembly, bug for bug (SPEC §8.2 selection, §8.3, §15.6): scored pairs to persons.
+"""The authors' greedy assembly, bug for bug (docs/method.md §9.2 selection, §9.3): scored pairs to persons.
 
 Kept apart from `assembly.py` on purpose: every rule here, including the known bugs (only the `to` end is
 ever attached to an existing person, replaced keypoints are dropped, the merge ignores the second person's
@@ -22,7 +22,7 @@ TOTAL, COUNT = NUM_KEYPOINTS, NUM_KEYPOINTS + 1  # rows 18 and 19 of a person
 
 
 def select_connections(candidates: Candidates) -> tuple[list[np.ndarray], list[int]]:
-    """The authors' per-limb greedy selection (SPEC §8.2, §15.5).
+    """The authors' per-limb greedy selection (docs/method.md §9.2).
 
     Pairs of limb k are sorted (stable, descending) by 0.5 * score + 0.25 * score(A) + 0.25 * score(B) and kept
     while neither end is used by that limb, until min(|A|, |B|) are kept.
@@ -67,7 +67,7 @@ def _new_person(a: int, b: int, s: float, length: float, kf: int, kt: int, candi
 
 def _attach_to_end(person: np.ndarray, b: int, s: float, length: float, kt: int, candidate_scores,
                    config: DecoderConfig) -> None:
-    """found == 1: only the limb's `to` end is ever attached, added, replaced or re-scored (SPEC §15.6)."""
+    """found == 1: only the limb's `to` end is ever attached, added, replaced or re-scored (docs/method.md §9.3)."""
     slot_id, slot_score = person[kt]
     longest = person[COUNT, 1]
     if slot_id == -1:
@@ -107,7 +107,7 @@ def _try_merge(first: np.ndarray, second: np.ndarray, s: float, length: float, c
 
 def find_people(connections: list[np.ndarray], special_k, candidate_scores: np.ndarray,
                 config: DecoderConfig) -> np.ndarray:
-    """The authors' greedy assembly (SPEC §8.3, §15.6): per-limb connection lists -> float64 (P, 20, 2).
+    """The authors' greedy assembly (docs/method.md §9.3): per-limb connection lists -> float64 (P, 20, 2).
 
     connections[k]: (M_k, >=6) rows idA, idB, score, i, j, length in the order the authors walk them;
     special_k: limbs to skip; candidate_scores: float64 (N,) indexed by candidate id.
@@ -135,7 +135,7 @@ def find_people(connections: list[np.ndarray], special_k, candidate_scores: np.n
 
 def people_to_poses(people: np.ndarray, candidates: Candidates) -> Poses:
     """Authors' rows (P, 20, 2) -> Poses: COCO order, keypoint score = candidate score, person score
-    1 - 1/total (SPEC §8.4; may be negative)."""
+    1 - 1/total (docs/method.md §9.4; may be negative)."""
     ids = people[:, :NUM_KEYPOINTS, 0].astype(np.int64)
     found = ids >= 0
     safe = np.where(found, ids, 0)

@@ -12,7 +12,7 @@ from simplepose.skeleton import NUM_KEYPOINTS, NUM_LIMBS
 class Candidates:
     """Keypoint candidates of one image and the scored candidate pairs of every body part.
 
-    Candidate id = row index; rows are sorted by keypoint type, then by raster order of the peak (SPEC §15.4).
+    Candidate id = row index; rows are sorted by keypoint type, then by raster order of the peak (docs/method.md §9.1).
     xy: float64 (N, 2) x, y in original image pixels (pixel centres at integer coordinates).
     scores: float64 (N,) keypoint score. types: int64 (N,) reference keypoint index 0..17.
     pair_limbs: int64 (M,) body part 0..29; pair_a / pair_b: int64 (M,) candidate ids of the limb's `from` and
@@ -121,7 +121,7 @@ def coco_results(poses: Poses, image_id: int, visibility: str = "score") -> list
     (`simplepose.coco.keypoint_results`, which rounds coordinates to 1e-3 px).
 
     visibility: "score" writes each keypoint's score as its third value; "reference" writes the authors'
-    flag instead, 1 iff x > 0 or y > 0 (SPEC §8.4, §15.6; COCOeval ignores it either way).
+    flag instead, 1 iff x > 0 or y > 0 (docs/method.md §9.4; COCOeval ignores it either way).
     """
     from simplepose.coco import keypoint_results  # pycocotools is only needed by callers that write results
 
