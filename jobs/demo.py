@@ -30,6 +30,7 @@ from jobs.render import render_run
 from pipelines import storage
 from pipelines.images import STATUSES
 from pipelines.label import LabelJobConfig, run_label_job
+from pipelines.local_copy import copy_run_with_images
 from pipelines.samples import broken_objects, sample_images
 
 LOG = logging.getLogger(__name__)
@@ -76,11 +77,10 @@ def main(args: argparse.Namespace) -> int:
         show_tables(run_uri)
         # One folder per run id (inputs + model + options), so a rerun never mixes files of different runs.
         tables_dir, overlays_dir = workdir / summary.run_id / "tables", workdir / summary.run_id / "overlays"
-        fs, run_path = storage.filesystem(run_uri)
-        fs.get(f"{run_path}/", f"{tables_dir}/", recursive=True)  # trailing slashes: copy the contents
+        copied = copy_run_with_images(run_uri, tables_dir)  # its URIs must outlive the loopback server
         rendered = render_run(run_uri, str(overlays_dir), limit=None, min_score=args.min_score)
-    print(f"\nrun copied to {tables_dir} (query it with DuckDB: "
-          f"SELECT status, count(*) FROM '{tables_dir / 'images' / '*.parquet'}' GROUP BY status)")
+    print(f"\nrun copied to {tables_dir} with its {copied} images (the copy's URIs point at them); query it "
+          f"with DuckDB: SELECT status, count(*) FROM '{tables_dir / 'images' / '*.parquet'}' GROUP BY status)")
     print(f"{rendered.images} overlays ({rendered.persons} persons scoring >= {args.min_score} drawn) in "
           f"{overlays_dir}")
     if args.model is None:

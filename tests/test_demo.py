@@ -193,6 +193,13 @@ def test_demo_end_to_end(tmp_path):
     assert poses.num_rows >= images  # the shipped weights find the figures (at least one per image)
     overlays = sorted((run_dir / "overlays").iterdir())
     assert len(overlays) == images and all(p.stat().st_size > 0 for p in overlays)
+    # The copy works without the demo's (stopped) S3 server: its URIs name local copies of the images.
+    uris = table["uri"].to_pylist() + poses["uri"].to_pylist()
+    assert all(uri.startswith("file://") for uri in uris) and all(
+        Path(uri.removeprefix("file://")).exists() for uri in uris)
+    rendered = subprocess.run([sys.executable, "-m", "jobs.cli", "render", str(run_dir / "tables"),
+                               str(tmp_path / "again")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
 
 
 def test_demo_help():
