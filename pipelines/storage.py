@@ -50,9 +50,24 @@ def filesystem(uri: str, storage_options: Mapping[str, object] | None = None):
     # fsspec caches instances by their arguments; an S3 instance reads AWS_ENDPOINT_URL only when created.
     # Passing the current value makes it part of the cache key, so a changed endpoint gets a new instance
     # instead of one bound to the old endpoint.
-    if uri.startswith(("s3://", "s3a://")) and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    if uri.startswith(("s3://", "s3a://")):
+        if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        options["config_kwargs"] = s3_config(options.get("config_kwargs"))
     return url_to_fs(uri, **options)
+
+
+S3_CONFIG = {"retries": {"max_attempts": 5, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60}
+"""botocore settings of every S3 filesystem unless `storage_options["config_kwargs"]` says otherwise: bounded
+retries of throttling (503 SlowDown), 5xx, resets and timeouts with botocore's standard backoff, and timeouts
+so that a stalled connection fails (and is retried) instead of hanging the job. s3fs retries on top."""
+
+
+def s3_config(given: Mapping[str, object] | None) -> dict[str, object]:
+    """`S3_CONFIG` updated with the caller's config_kwargs (its `retries` merged key by key)."""
+    config = {**S3_CONFIG, **dict(given or {})}
+    config["retries"] = {**S3_CONFIG["retries"], **dict((given or {}).get("retries") or {})}
+    return config
 
 
 def join(uri: str, *parts: str) -> str:
@@ -104,14 +119,38 @@ def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None
         paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
     elif fs.isfile(path):
         root, paths = posixpath.dirname(path), [path]
+    elif _is_local(fs):
+        root = path.rstrip("/")
+        paths = _walk_sorted(root)  # streamed: a prefix of millions of files never sits in memory whole
     else:
         root = path.rstrip("/")
         paths = sorted(fs.find(root))
+    # per object only string slicing (posixpath.relpath and fs.unstrip_protocol cost microseconds each)
+    base = unstrip(fs, root) if root else ""
+    protocol = base[:-len(root)] if root and base.endswith(root) else None
+    start = len(root) + 1
     for p in paths:
-        rel = posixpath.relpath(p, root) if root else p
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+        rel = p[start:] if root and p.startswith(root + "/") else (posixpath.relpath(p, root) if root else p)
+        if rel.startswith(("_", ".")) or "/_" in rel or "/." in rel:
             continue
-        yield rel, unstrip(fs, p)
+        yield rel, (protocol + p) if protocol is not None else unstrip(fs, p)
+
+
+def _walk_sorted(root: str) -> Iterator[str]:
+    """Every file below the local folder `root` in the order of `sorted(fs.find(root))` (a folder's entries
+    sorted as `name/` for folders, `name` for files), without a stat per file; folders whose names start
+    with `_` or `.` are not entered (their files are skipped anyway)."""
+    try:
+        with os.scandir(root) as scan:
+            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.path) for e in scan)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for key, entry_path in entries:
+        if key.endswith("/"):
+            if not key.startswith(("_", ".")):
+                yield from _walk_sorted(entry_path)
+        else:
+            yield entry_path
 
 
 def _iter_manifest(fs, path: str, manifest_uri: str, allow_local: bool) -> Iterator[tuple[str, str]]:
@@ -316,12 +355,42 @@ def _cat_grouped(uris: list[str], storage_options) -> Iterator[tuple[int, bytes 
             yield i, outcome
 
 
-def write_atomic(uri: str, data: bytes, storage_options: Mapping[str, object] | None = None) -> None:
+class StorageWriteError(OSError):
+    """A write that still failed after its retries; the message names the object's URI."""
+
+
+WRITE_RETRIES = 4
+WRITE_BACKOFF_S = 0.5
+
+
+def write_atomic(uri: str, data: bytes, storage_options: Mapping[str, object] | None = None,
+                 retries: int | None = None, backoff_s: float | None = None) -> None:
     """Write `data` to `uri` so that readers see either nothing or the whole object.
 
     Object stores make a single PUT atomic; on other filesystems the bytes go to a hidden temporary name
-    in the same folder first and are renamed into place.
+    in the same folder first and are renamed into place. Transient errors (anything but the permanent
+    ones, `PERMANENT_ERRORS`) are retried `retries` times (default `WRITE_RETRIES`) with exponential
+    backoff from `backoff_s` seconds, on top of botocore's and s3fs's own retries; a write that still
+    fails raises `StorageWriteError` naming `uri`. Rewriting the same name is harmless (same bytes).
     """
+    retries = WRITE_RETRIES if retries is None else retries
+    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            return _write_atomic_once(uri, data, storage_options)
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as error:  # noqa: BLE001 - transient store errors: retried, then reported
+            last = error
+            LOG.warning("writing %s failed (attempt %d of %d): %s: %s", uri, attempt + 1, retries + 1,
+                        type(error).__name__, error)
+    raise StorageWriteError(f"could not write {uri} after {retries + 1} attempts (each with the store "
+                            f"client's own retries): {type(last).__name__}: {last}") from last
+
+
+def _write_atomic_once(uri: str, data: bytes, storage_options: Mapping[str, object] | None) -> None:
     fs, path = filesystem(uri, storage_options)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if _is_object_store(fs):

@@ -1,0 +1,254 @@
+"""Object-store faults and driver kills during labeling (issue #10, items 2 and 5).
+
+A fault-injecting proxy (tests/faultproxy.py) sits in front of the loopback moto server; the job's endpoint
+points at it, so 503 SlowDown, 500 InternalError, connection resets and stalls past the read timeout reach the
+job from outside, on listings, object reads, input freezing and part writes. The driver is SIGKILLed from
+outside at chosen moments: between a chunk's `poses` and `images` parts, and while the input list is frozen.
+Every run must end with each input exactly once in `images` and the persons of the clean run
+(docs/reliability.md records what was run and what happened)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from faultproxy import FAULTS, FaultProxy, Rule
+from pipelines import storage
+from pipelines.label import LabelJobConfig, run_label_job
+
+N_IMAGES = 20
+BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
+TOTAL = N_IMAGES + len(BROKEN)
+SMALL = dict(boxsize=128, decode_actors=(1, 1), network_actors=(1, 1), assemble_actors=(1, 1), network_cpus=0.5,
+             read_batch_size=4, decode_batch_size=2, network_batch_size=2, assemble_batch_size=4,
+             progress_interval_s=1.0, min_person_score=0.0, min_keypoints=0, chunk_size=4)
+READ_TIMEOUT_S = 2.0
+STALL_S = 4.0  # longer than the read timeout: a stalled request times out and is retried
+
+
+@pytest.fixture(scope="module")
+def store(s3_endpoint, coco_mini, tmp_path_factory):
+    """s3://flt-in/imgs/: 20 coco-mini JPEGs and 2 broken objects; s3://flt-in/cursed/: 3 JPEGs and
+    cursed.jpg; a local tiny random IMHN; the proxy in front of moto (no faults until a test sets rules)."""
+    import s3fs
+    import torch
+
+    from simplepose.checkpoint import save_checkpoint
+    from simplepose.model import IMHN
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("flt-in")
+    fs.mkdir("flt-out")
+    images = sorted((coco_mini / "train2017").glob("*.jpg"))[:N_IMAGES]
+    objects = {f"flt-in/imgs/{p.name}": p.read_bytes() for p in images}
+    objects.update({"flt-in/imgs/empty.jpg": b"", "flt-in/imgs/truncated.jpg": images[0].read_bytes()[:3000]})
+    objects.update({f"flt-in/cursed/{p.name}": p.read_bytes() for p in images[:3]})
+    objects["flt-in/cursed/cursed.jpg"] = images[3].read_bytes()
+    fs.pipe(objects)
+    torch.manual_seed(0)
+    model = IMHN(stacks=1, width=32, increase=8)
+    with torch.no_grad():  # louder output maps: random peaks above the decoder's thresholds (persons)
+        for name, parameter in model.named_parameters():
+            if name.startswith("outs."):
+                parameter.mul_(10) if name.endswith("weight") else parameter.add_(0.3)
+    local = tmp_path_factory.mktemp("fltmodel") / "tiny.pt"
+    save_checkpoint(model, local, {"name": "tiny-random"})
+    proxy = FaultProxy(s3_endpoint, seed=10, stall_s=STALL_S).start()
+    yield fs, str(local), proxy
+    proxy.stop()
+
+
+def options(proxy: FaultProxy) -> dict:
+    """The job's storage options: the proxy as endpoint, short timeouts (stalls cost seconds, not minutes)."""
+    return {"endpoint_url": proxy.endpoint,
+            "config_kwargs": {"connect_timeout": READ_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+                              "retries": {"max_attempts": 3, "mode": "standard"}}}
+
+
+def config(store, output: str, input_prefix: str = "s3://flt-in/imgs/", **changes) -> LabelJobConfig:
+    _, model, proxy = store
+    return LabelJobConfig(input=input_prefix, output=f"s3://flt-out/{output}", model=model,
+                          storage_options=options(proxy), **{**SMALL, **changes})
+
+
+def tables_of(fs, output: str):
+    fs.invalidate_cache()
+    images = pq.read_table(f"flt-out/{output}/images", filesystem=fs).to_pandas()
+    poses = pq.read_table(f"flt-out/{output}/poses", filesystem=fs).to_pandas()
+    return (images.sort_values("input_index").reset_index(drop=True),
+            poses.sort_values(["image_id", "person_index"]).reset_index(drop=True))
+
+
+def assert_same_as_clean(fs, output: str, clean) -> None:
+    images, poses = tables_of(fs, output)
+    clean_images, clean_poses = clean
+    assert list(images["input_index"]) == list(range(TOTAL))  # every input exactly once
+    for column in ("uri", "image_id", "status", "num_persons"):
+        assert list(images[column]) == list(clean_images[column]), column
+    assert not poses.duplicated(["image_id", "person_index"]).any()
+    assert list(poses["image_id"]) == list(clean_poses["image_id"])
+    numeric = [c for c in poses.columns if poses[c].dtype.kind in "fi"]
+    np.testing.assert_allclose(poses[numeric].to_numpy(float), clean_poses[numeric].to_numpy(float), atol=1e-4)
+    assert fs.exists(f"flt-out/{output}/_SUCCESS")
+
+
+@pytest.fixture(scope="module")
+def clean(store, ray_cluster):
+    fs, _, proxy = store
+    proxy.healthy()
+    summary = run_label_job(config(store, "clean"))
+    images, poses = tables_of(fs, "clean")
+    assert summary.counts == {"ok": N_IMAGES, "empty": 1, "decode_error": 1}
+    assert len(poses) > 0
+    return images, poses
+
+
+def test_faults_on_listing_reads_freezing_and_part_writes_change_nothing(store, clean):
+    fs, _, proxy = store
+    # 10 % of every request (listings, object GETs and HEADs, PUTs of input and output parts) get a fault,
+    # a quarter each of 503 SlowDown, 500 InternalError, connection reset, stall past the read timeout; and
+    # for certain, the first listing a 503, the first object GET a stall, the first PUT a reset
+    proxy.rules = [Rule("503", kinds=("list",), limit=1), Rule("stall", kinds=("get",), limit=1),
+                   Rule("reset", kinds=("put",), limit=1), *(Rule(fault, rate=0.025) for fault in FAULTS)]
+    started = time.monotonic()
+    try:
+        summary = run_label_job(config(store, "faulty"))
+    finally:
+        injected, requests = dict(proxy.injected), dict(proxy.requests)
+        proxy.healthy()
+    print(f"faulty run: {time.monotonic() - started:.1f} s; requests {requests}; injected {injected}")
+    for fault in FAULTS:
+        assert sum(n for (f, _), n in injected.items() if f == fault) > 0, f"no {fault} was injected"
+    for kind in ("list", "get", "put"):
+        assert sum(n for (_, k), n in injected.items() if k == kind) > 0, f"no fault on {kind} requests"
+    assert summary.counts == {"ok": N_IMAGES, "empty": 1, "decode_error": 1}
+    assert_same_as_clean(fs, "faulty", clean)
+
+
+def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster):
+    fs, _, proxy = store
+    proxy.rules = [Rule("503", kinds=("get",), path=r"/cursed\.jpg$")]
+    try:
+        summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", read_retries=1))
+        tries = proxy.injected[("503", "get")]
+    finally:
+        proxy.healthy()
+    assert summary.counts == {"ok": 3, "read_error": 1}
+    images, _ = tables_of(fs, "cursed")
+    row = images.set_index("image_id").loc["cursed.jpg"]
+    print(f"cursed.jpg: {tries} GETs answered 503; error {row['error']!r}")
+    assert row["status"] == "read_error" and row["size_bytes"] == 0
+    assert "SlowDown" in row["error"] or "reduce your request rate" in row["error"], row["error"]
+    assert tries >= 2  # the read was retried
+
+
+def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_completes(store, clean):
+    fs, _, proxy = store
+    proxy.rules = [Rule("500", kinds=("put",), path=r"/poses/part-000002\.parquet$")]
+    try:
+        with pytest.raises(storage.StorageWriteError, match=r"s3://flt-out/partfail/poses/part-000002\.parquet"):
+            run_label_job(config(store, "partfail"))
+    finally:
+        proxy.healthy()
+    fs.invalidate_cache()
+    assert not fs.exists("flt-out/partfail/_SUCCESS")
+    assert not fs.exists("flt-out/partfail/images/part-000002.parquet")
+    summary = run_label_job(config(store, "partfail"))
+    assert summary.resumed and 0 < summary.processed < TOTAL
+    assert_same_as_clean(fs, "partfail", clean)
+
+
+def test_local_prefix_listing_is_streamed_in_the_order_of_sorted_find(tmp_path):
+    """`iter_input_uris` walks local prefixes itself (no stat per file, not all in memory): same order and
+    ids as `sorted(fs.find(root))` with the `_`/`.` rule."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    names = ["a.txt", "a/b.jpg", "a/c/d.jpg", "a-b/x.jpg", "a0", "_skip/x.jpg", "k/_x.jpg", "k/.hidden",
+             ".h/y.jpg", "k/m/n.png", "B.jpg", "z/ü.jpg", "ab/c"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    fs = LocalFileSystem()
+    root = fs._strip_protocol(str(tmp_path))
+    expected = [(p[len(root) + 1:], fs.unstrip_protocol(p)) for p in sorted(fs.find(root))
+                if not any(part.startswith(("_", ".")) for part in p[len(root) + 1:].split("/"))]
+    assert list(storage.iter_input_uris(str(tmp_path))) == expected
+    assert list(storage.iter_input_uris(str(tmp_path) + "/")) == expected
+    assert [i for i, _ in expected] == ["B.jpg", "a-b/x.jpg", "a.txt", "a/b.jpg", "a/c/d.jpg", "a0", "ab/c",
+                                        "k/m/n.png", "z/ü.jpg"]
+    assert list(storage.iter_input_uris(str(tmp_path / "missing"))) == []
+
+
+def cli(store, output: str, *flags: str) -> list[str]:
+    _, model, _ = store
+    return [sys.executable, "-m", "jobs.cli", "label", "s3://flt-in/imgs/", f"s3://flt-out/{output}",
+            "--model", model, "--boxsize", "128", "--chunk-size", "4", "--network-cpus", "0.5",
+            "--decode-actors", "1", "--network-actors", "1", "--assemble-actors", "1", "--read-batch-size", "4",
+            "--decode-batch-size", "2", "--network-batch-size", "2", "--assemble-batch-size", "4",
+            "--min-person-score", "0", "--min-keypoints", "0", *flags]
+
+
+def kill_when(store, output: str, condition, command: list[str], timeout: float = 180) -> None:
+    """Run the driver with its endpoint at the proxy; SIGKILL it from outside once `condition(fs)` holds
+    (checked on moto directly)."""
+    fs, _, proxy = store
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and job.poll() is None:
+            fs.invalidate_cache()
+            if condition(fs):
+                break
+            time.sleep(0.1)
+        assert job.poll() is None, f"the driver ended (rc {job.returncode}) before the moment to kill it"
+        assert condition(fs), f"the moment to kill the driver did not come within {timeout} s"
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+
+
+def test_driver_killed_between_a_chunks_poses_and_images_parts(store, clean, ray_cluster):
+    fs, _, proxy = store
+    out = "flt-out/killparts"
+    # the driver's PUT of chunk 2's images part hangs (longer than the driver's read timeout): the driver is
+    # killed while chunk 2 has its poses part and no images part
+    proxy.rules = [Rule("stall", kinds=("put",), path=r"/killparts/images/part-000002\.parquet$", stall_s=120)]
+    try:
+        kill_when(store, "killparts",
+                  lambda fs: fs.exists(f"{out}/poses/part-000002.parquet")
+                  and not fs.exists(f"{out}/images/part-000002.parquet"),
+                  cli(store, "killparts", "--address", ray_cluster.get_runtime_context().gcs_address))
+    finally:
+        proxy.healthy()
+    fs.invalidate_cache()
+    assert fs.exists(f"{out}/poses/part-000002.parquet") and not fs.exists(f"{out}/images/part-000002.parquet")
+    assert not fs.exists(f"{out}/_SUCCESS")
+    summary = run_label_job(config(store, "killparts"))
+    assert summary.resumed and 0 < summary.processed < TOTAL
+    assert_same_as_clean(fs, "killparts", clean)
+
+
+def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
+    fs, _, proxy = store
+    out = "flt-out/killfreeze"
+    proxy.rules = [Rule("stall", kinds=("put",), path=r"/killfreeze/_inputs/part-000003\.parquet$", stall_s=120)]
+    try:
+        kill_when(store, "killfreeze",
+                  lambda fs: fs.exists(f"{out}/_inputs/part-000002.parquet"),
+                  cli(store, "killfreeze", "--address", ray_cluster.get_runtime_context().gcs_address))
+    finally:
+        proxy.healthy()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{out}/_inputs/_complete.json") and not fs.exists(f"{out}/images")
+    summary = run_label_job(config(store, "killfreeze"))
+    assert summary.resumed and summary.processed == TOTAL
+    assert_same_as_clean(fs, "killfreeze", clean)
+    frozen = pq.read_table(f"{out}/_inputs", filesystem=fs)
+    assert sorted(frozen["input_index"].to_pylist()) == list(range(TOTAL))
