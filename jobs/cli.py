@@ -17,11 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("jobs.label", "label images from object storage into Parquet pose tables"),
     "render": ("jobs.render", "draw detected poses from a labeling run onto its images"),
     "report": ("jobs.report", "one self-contained HTML page about a labeling run"),
+    "export": ("jobs.export", "a labeling run as COCO keypoint results or a COCO annotations file"),
     "oracle": ("jobs.oracle", "decode perfect heatmaps of a COCO file: the ceiling of the grouping"),
     "train": ("jobs.train", "train the IMHN with Ray Train (data-parallel, mixed precision)"),
     "evaluate": ("jobs.evaluate", "COCO keypoint evaluation of a model, logged to MLflow"),
     "promote": ("jobs.promote", "move the MLflow 'champion' alias to a better candidate"),
     "convert-checkpoint": ("jobs.convert_checkpoint", "convert the authors' checkpoint to ours"),
+    "export-model": ("jobs.export_model", "a checkpoint as ONNX (dynamic batch, height, width) for onnxruntime"),
     "bench": ("jobs.bench", "benchmarks: targets, network, label, decoder"),
 }
 
