@@ -19,6 +19,7 @@ Bars (docs/benchmarks.md): driver CPU <= 0.25 ms per image, cpu_ms_per_image <= 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--null-network", action="store_true",
                         help="replace the network by an instant stand-in: time the CPU path and the driver only")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
+    parser.add_argument("--fixed-pools", action="store_true",
+                        help="start every actor pool at its maximum size (no autoscaling)")
     parser.add_argument("--stacks", type=int, default=1, help="IMHN stacks of the random model")
     parser.add_argument("--width", type=int, default=64, help="IMHN width of the random model")
     parser.add_argument("--increase", type=int, default=16, help="IMHN width increase of the random model")
@@ -288,6 +291,11 @@ def main(args: argparse.Namespace) -> int:
         forward_batch_size=args.forward_batch_size, engine="null" if args.null_network else "torch",
         decode_actors=(1, args.decode_actors), network_actors=(1, args.network_actors),
         assemble_actors=(1, args.assemble_actors), progress_interval_s=1e9)
+    if args.fixed_pools:  # every pool starts at its maximum: Ray Data's actor autoscaler has nothing to do
+        from pipelines.label_ray import pool_sizes
+
+        sizes = pool_sizes(config, {"CPU": float(os.cpu_count())}, "cpu")
+        config = dataclasses.replace(config, **{f"{name}_actors": (high, high) for name, (_, high) in sizes.items()})
     machine = describe_machine()
     print(f"machine: {machine}")
     print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'} (and a {small_count}-object "
