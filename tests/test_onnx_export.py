@@ -76,3 +76,11 @@ def test_export_model_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert cli.main(["export-model", str(tmp_path / "bad.pt"), str(tmp_path / "m.onnx")]) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bench_onnx_prints_both_engines(capsys):
+    assert cli.main(["bench", "onnx", "--models", "tiny", "--height", "128", "--widths", "192", "--batches", "2",
+                     "--threads", "1", "--min-time", "0", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "onnxruntime" in out
+    assert "tiny      128x192 batch 2 threads 1: torch" in out and "onnxruntime/torch" in out and "summary" in out

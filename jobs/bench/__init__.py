@@ -9,6 +9,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "network": ("jobs.bench.network", "IMHN images/s at a given size, device and precision"),
     "label": ("jobs.bench.label", "labeling job end to end vs each stage alone"),
     "decoder": ("jobs.bench.decoder", "decoder caps: candidates, persons, assembly ms on photos and noise maps"),
+    "onnx": ("jobs.bench.onnx", "onnxruntime vs torch images/s on this CPU for the labeling network's forward"),
     "scale": ("jobs.bench.scale", "labeling orchestration at 10^4..10^6 objects: freeze, commits, resume, RSS"),
 }
 
