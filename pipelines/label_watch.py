@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from pipelines.errors import JobError
+
 LOG = logging.getLogger(__name__)
 
 STAGE_CLASSES = {"DecodeStage": "decode", "NetworkStage": "network", "AssembleStage": "assemble"}
@@ -24,8 +26,13 @@ STAGE_CLASSES = {"DecodeStage": "decode", "NetworkStage": "network", "AssembleSt
 UNPLACED = ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
 
 
-class LabelJobStalled(RuntimeError):
-    """No output row for `stall_timeout_s`; the message says which stages wait for which resources."""
+class LabelJobStalled(JobError):
+    """No output row for `stall_timeout_s`; the message says which stages wait for which resources (the CLI
+    prints it and the hint, exit status 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "committed chunks are kept: fix the cluster or the stage's resources "
+                                  "(--*-cpus, --*-actors) and re-run the same command to resume")
 
 
 def stage_resources(config, device: str) -> dict[str, dict[str, float]]:
@@ -126,7 +133,7 @@ class Watchdog:
                 self.stalled = (f"no progress for {idle:.0f} s (stall timeout {self.timeout:g} s): "
                                 f"{waiting or 'no stage is waiting for resources (slow or hung stage)'}; "
                                 f"{self.writer.rows_written} objects committed, {len(self.writer.expected)} chunks "
-                                f"left; committed chunks are kept, re-run the same command to resume")
+                                f"left")
                 LOG.error("stalled: %s", self.stalled)
                 signal.pthread_kill(self._main, signal.SIGINT)
                 return
