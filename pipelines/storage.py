@@ -122,6 +122,9 @@ def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None
     elif _is_local(fs):
         root = path.rstrip("/")
         paths = _walk_sorted(root)  # streamed: a prefix of millions of files never sits in memory whole
+    elif type(fs).__name__ == "S3FileSystem" and not getattr(fs, "version_aware", False):
+        root = path.rstrip("/")
+        paths = _list_s3_sorted(fs, root)  # streamed page by page, not kept in s3fs's listings cache
     else:
         root = path.rstrip("/")
         paths = sorted(fs.find(root))
@@ -134,6 +137,27 @@ def iter_input_uris(input_uri: str, storage_options: Mapping[str, object] | None
         if rel.startswith(("_", ".")) or "/_" in rel or "/." in rel:
             continue
         yield rel, (protocol + p) if protocol is not None else unstrip(fs, p)
+
+
+def _list_s3_sorted(fs, root: str) -> Iterator[str]:
+    """Every object below `root` ("bucket/prefix") as `sorted(fs.find(root))` gives it, one page of
+    list_objects_v2 at a time (each page retried like any s3fs request). S3 lists keys in UTF-8 byte order,
+    which is Python's string order; a store that does not is refused rather than given a wrong order."""
+    bucket, _, key = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": key + "/" if key else "", **getattr(fs, "req_kw", {})}
+    previous = ""
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for entry in page.get("Contents", []):
+            name = entry["Key"]  # folder placeholders ("x/") included, as s3fs.find includes them
+            if name <= previous:
+                raise RuntimeError(f"s3://{bucket}: the store listed {name!r} after {previous!r}, not in key "
+                                   "order; list the input in a manifest instead")
+            previous = name
+            yield f"{bucket}/{name}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _walk_sorted(root: str) -> Iterator[str]:

@@ -40,7 +40,7 @@ ERROR_BODIES = {
 @dataclass
 class Rule:
     """Inject `fault` into a share `rate` of the matching requests (kinds empty = any; path: a regex searched
-    in the request path, None = any); at most `limit` times when given."""
+    in the request path, None = any) after the first `after` of them; at most `limit` times when given."""
 
     fault: str
     rate: float = 1.0
@@ -48,7 +48,9 @@ class Rule:
     path: str | None = None
     limit: int | None = None
     stall_s: float | None = None  # this rule's stall (None: the proxy's `stall_s`)
+    after: int = 0  # let the first `after` matching requests through
     used: int = 0
+    seen: int = 0
 
     def __post_init__(self):
         if self.fault not in FAULTS:
@@ -111,7 +113,10 @@ class FaultProxy:
         with self.lock:
             self.requests[kind] += 1
             for rule in self.rules:
-                if rule.matches(kind, path) and self.random.random() < rule.rate:
+                if not rule.matches(kind, path):
+                    continue
+                rule.seen += 1
+                if rule.seen > rule.after and self.random.random() < rule.rate:
                     rule.used += 1
                     self.injected[(rule.fault, kind)] += 1
                     return rule

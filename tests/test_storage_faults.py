@@ -150,17 +150,25 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
 
 def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_completes(store, clean):
     fs, _, proxy = store
-    proxy.rules = [Rule("500", kinds=("put",), path=r"/poses/part-000002\.parquet$")]
+    # every PUT of a poses part after the first (the second chunk to commit) is answered 500 InternalError
+    proxy.rules = [Rule("500", kinds=("put",), path=r"/partfail/poses/part-\d+\.parquet$", after=1)]
+    started = time.monotonic()
     try:
-        with pytest.raises(storage.StorageWriteError, match=r"s3://flt-out/partfail/poses/part-000002\.parquet"):
+        with pytest.raises(storage.StorageWriteError, match=r"s3://flt-out/partfail/poses/part-\d{6}\.parquet") \
+                as error:
             run_label_job(config(store, "partfail"))
     finally:
         proxy.healthy()
+    print(f"failing part write: stopped after {time.monotonic() - started:.1f} s, "
+          f"{proxy.injected[('500', 'put')]} PUTs answered 500: {error.value}")
+    failed = str(error.value).split("/poses/", 1)[1].split(" ", 1)[0]
     fs.invalidate_cache()
     assert not fs.exists("flt-out/partfail/_SUCCESS")
-    assert not fs.exists("flt-out/partfail/images/part-000002.parquet")
+    assert not fs.exists(f"flt-out/partfail/images/{failed}")
+    kept = committed_rows(fs, "flt-out/partfail")  # the chunk committed before the failing one
     summary = run_label_job(config(store, "partfail"))
-    assert summary.resumed and 0 < summary.processed < TOTAL
+    print(f"re-run: {kept} objects were committed, {summary.processed} processed in {summary.seconds:.1f} s")
+    assert summary.resumed and summary.processed == TOTAL - kept and 0 < kept < TOTAL
     assert_same_as_clean(fs, "partfail", clean)
 
 
@@ -183,6 +191,13 @@ def test_local_prefix_listing_is_streamed_in_the_order_of_sorted_find(tmp_path):
     assert [i for i, _ in expected] == ["B.jpg", "a-b/x.jpg", "a.txt", "a/b.jpg", "a/c/d.jpg", "a0", "ab/c",
                                         "k/m/n.png", "z/ü.jpg"]
     assert list(storage.iter_input_uris(str(tmp_path / "missing"))) == []
+
+
+def committed_rows(fs, out: str) -> int:
+    fs.invalidate_cache()
+    if not fs.exists(f"{out}/images"):
+        return 0
+    return pq.read_table(f"{out}/images", filesystem=fs).num_rows
 
 
 def cli(store, output: str, *flags: str) -> list[str]:
@@ -217,21 +232,29 @@ def kill_when(store, output: str, condition, command: list[str], timeout: float 
 def test_driver_killed_between_a_chunks_poses_and_images_parts(store, clean, ray_cluster):
     fs, _, proxy = store
     out = "flt-out/killparts"
-    # the driver's PUT of chunk 2's images part hangs (longer than the driver's read timeout): the driver is
-    # killed while chunk 2 has its poses part and no images part
-    proxy.rules = [Rule("stall", kinds=("put",), path=r"/killparts/images/part-000002\.parquet$", stall_s=120)]
+    # the driver's PUT of the second chunk's images part hangs (longer than the driver's read timeout): the
+    # driver is killed while that chunk has its poses part and no images part, one chunk committed before it
+    proxy.rules = [Rule("stall", kinds=("put",), path=r"/killparts/images/part-\d+\.parquet$", after=1,
+                        stall_s=120)]
+
+    def poses_without_images(fs) -> set[str]:
+        names = {kind: {p.rsplit("/", 1)[-1] for p in fs.glob(f"{out}/{kind}/part-*.parquet")}
+                 for kind in ("poses", "images")}
+        return names["poses"] - names["images"]
+
     try:
-        kill_when(store, "killparts",
-                  lambda fs: fs.exists(f"{out}/poses/part-000002.parquet")
-                  and not fs.exists(f"{out}/images/part-000002.parquet"),
+        kill_when(store, "killparts", lambda fs: bool(poses_without_images(fs)),
                   cli(store, "killparts", "--address", ray_cluster.get_runtime_context().gcs_address))
     finally:
         proxy.healthy()
     fs.invalidate_cache()
-    assert fs.exists(f"{out}/poses/part-000002.parquet") and not fs.exists(f"{out}/images/part-000002.parquet")
+    assert len(poses_without_images(fs)) == 1 and len(fs.glob(f"{out}/images/part-*.parquet")) == 1
     assert not fs.exists(f"{out}/_SUCCESS")
+    kept = committed_rows(fs, out)
     summary = run_label_job(config(store, "killparts"))
-    assert summary.resumed and 0 < summary.processed < TOTAL
+    print(f"killed between parts; re-run: {kept} objects were committed, {summary.processed} processed in "
+          f"{summary.seconds:.1f} s")
+    assert summary.resumed and summary.processed == TOTAL - kept and 0 < kept < TOTAL
     assert_same_as_clean(fs, "killparts", clean)
 
 
@@ -247,8 +270,31 @@ def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
         proxy.healthy()
     fs.invalidate_cache()
     assert not fs.exists(f"{out}/_inputs/_complete.json") and not fs.exists(f"{out}/images")
+    print(f"killed while freezing: {len(fs.ls(f'{out}/_inputs'))} input parts frozen of 6")
     summary = run_label_job(config(store, "killfreeze"))
     assert summary.resumed and summary.processed == TOTAL
     assert_same_as_clean(fs, "killfreeze", clean)
     frozen = pq.read_table(f"{out}/_inputs", filesystem=fs)
     assert sorted(frozen["input_index"].to_pylist()) == list(range(TOTAL))
+
+
+def test_s3_prefix_listing_is_streamed_in_the_order_of_sorted_find(s3_endpoint):
+    """`iter_input_uris` lists S3 prefixes page by page: same objects, order and ids as `sorted(fs.find)`
+    (with folder placeholders, as find has them; `_`/`.` names left out), also across pages."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("flt-list")
+    names = ["a.txt", "a/b.jpg", "a/c/d.jpg", "a-b/x.jpg", "a0", "_skip/x.jpg", "k/_x.jpg", "k/.hidden",
+             "k/m/n.png", "B.jpg", "z/ü.jpg", "ab/c", "folder/", "folder/in.jpg"]
+    fs.pipe({f"flt-list/p/{name}": b"x" for name in names})
+    fs.pipe({f"flt-list/many/{i:05d}.jpg": b"" for i in range(2100)})  # 3 pages of 1000
+    for prefix in ("p", "many"):
+        root = f"flt-list/{prefix}"
+        fs.invalidate_cache()
+        expected = [(p[len(root) + 1:], f"s3://{p}") for p in sorted(fs.find(root))
+                    if not any(part.startswith(("_", ".")) for part in p[len(root) + 1:].split("/"))]
+        for uri in (f"s3://{root}", f"s3://{root}/"):
+            assert list(storage.iter_input_uris(uri)) == expected
+    assert len(expected) == 2100
+    assert list(storage.iter_input_uris("s3://flt-list/missing/")) == []
