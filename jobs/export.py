@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_storage_option, storage_options
 from pipelines.export import FORMATS, export_run
 
 
@@ -28,17 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s: every detected keypoint)")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="export the committed chunks of a run without _SUCCESS (running or stopped)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option, e.g. endpoint_url=http://minio:9000 (repeatable)")
+    add_storage_option(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    options = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--storage-option {key!r}: expected KEY=VALUE")
-        options[key] = value
+    options = storage_options(args)
     summary = export_run(args.run_output, args.out, format=args.format, annotations=args.annotations,
                          keypoint_threshold=args.keypoint_threshold, allow_incomplete=args.allow_incomplete,
                          storage_options=options)

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import torch
 
+from jobs.options import add_storage_option, storage_options
 from pipelines import storage
-from pipelines.errors import JobError, UsageError, about
+from pipelines.errors import JobError, about
 from simplepose.checkpoint import build_model, load_checkpoint
 from simplepose.model import INPUT_MULTIPLE
 from simplepose.onnx_export import INPUT_NAME, ONNX_HINT, OPSET, InferenceForward, export_onnx
@@ -28,17 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default %(default)s)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not compare onnxruntime with torch on a small input after the export")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option, e.g. endpoint_url=http://minio:9000 (repeatable)")
+    add_storage_option(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    options = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--storage-option {key!r}: expected KEY=VALUE")
-        options[key] = value
+    options = storage_options(args)
     try:
         import onnx  # noqa: F401
     except ImportError:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 
+from jobs.options import add_storage_option, storage_options
 from pipelines.label import LabelJobConfig, run_label_job
 
 LOG = logging.getLogger(__name__)
@@ -76,17 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end the job after this many seconds without a new output row, naming the stages "
                              "that wait for resources; 0 = never; a re-run resumes (default %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option, e.g. endpoint_url=http://minio:9000 (repeatable)")
+    add_storage_option(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
-    options = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--storage-option {key!r}: expected KEY=VALUE")
-        options[key] = value
+    options = storage_options(args)
     stages = ("read", "decode", "network", "assemble")
     return LabelJobConfig(
         input=args.input, output=args.output, model=args.model, boxsize=args.boxsize, scales=tuple(args.scales),

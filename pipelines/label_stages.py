@@ -14,6 +14,7 @@ kB per image) are pickled; persons are raw float32 bytes. Heatmaps never leave t
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections.abc import Mapping, Sequence
 
@@ -194,7 +195,7 @@ class NetworkStage:
             raise ValueError(f"NetworkStage: engine {engine!r} not in {NETWORK_ENGINES}")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("NetworkStage: device cuda, but this worker sees no CUDA GPU "
-                               f"(CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r})")
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.torch, self.device = torch, torch.device(device)

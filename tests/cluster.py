@@ -11,8 +11,6 @@ A worker process's parent is its node's raylet, which is how the tests tell whic
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
 
 QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}

@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from cluster import MultiNodeCluster
+from run_tables import assert_same_as_clean, tables_of
 
 N_IMAGES = 38
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
@@ -110,29 +109,6 @@ def wait_for(condition, timeout: float = 120, what: str = "") -> None:
         time.sleep(0.1)
 
 
-def tables_of(fs, output: str):
-    """(images sorted by input_index, poses sorted by image_id/person_index) as pandas frames."""
-    fs.invalidate_cache()  # listings cached while the job was running
-    images = pq.read_table(f"{output}/images", filesystem=fs).to_pandas()
-    poses = pq.read_table(f"{output}/poses", filesystem=fs).to_pandas()
-    return (images.sort_values("input_index").reset_index(drop=True),
-            poses.sort_values(["image_id", "person_index"]).reset_index(drop=True))
-
-
-def assert_same_as_clean(fs, output: str, clean) -> None:
-    images, poses = tables_of(fs, output)
-    clean_images, clean_poses = clean
-    assert list(images["input_index"]) == list(range(TOTAL))  # every input exactly once
-    for column in ("uri", "image_id", "status", "num_persons"):
-        assert list(images[column]) == list(clean_images[column]), column
-    assert not poses.duplicated(["image_id", "person_index"]).any()
-    assert list(poses["image_id"]) == list(clean_poses["image_id"])
-    numeric = [c for c in poses.columns if poses[c].dtype.kind in "fi"]  # score, boxes, every keypoint x/y/score
-    np.testing.assert_allclose(poses[numeric].to_numpy(float), clean_poses[numeric].to_numpy(float), atol=1e-4)
-    fs.invalidate_cache()
-    assert fs.exists(f"{output}/_SUCCESS")
-
-
 @pytest.fixture(scope="module")
 def clean(multinode, inputs, tmp_path_factory):
     """A clean run on the cluster; also checks that its stage actors lived on both worker nodes."""
@@ -180,7 +156,7 @@ def test_stage_actor_sigkilled_mid_run(stage, multinode, inputs, clean, tmp_path
         assert replaced is not None, "no replacement actor ran"
     print(f"{stage} actor {victim} killed after {at} chunks, replaced after {replaced and round(replaced, 1)} s; "
           f"job {job.seconds:.1f} s")
-    assert_same_as_clean(inputs, output, clean)
+    assert_same_as_clean(inputs, output, clean, TOTAL)
 
 
 @pytest.mark.slow
@@ -198,7 +174,7 @@ def test_worker_node_lost_mid_run(multinode, inputs, clean, tmp_path):
     try:
         assert job.wait() == 0, job.log()[-3000:]
         print(f"node lost after {at} chunks; job {job.seconds:.1f} s")
-        assert_same_as_clean(inputs, output, clean)
+        assert_same_as_clean(inputs, output, clean, TOTAL)
     finally:
         multinode.add_worker()  # the module's cluster keeps two worker nodes
         multinode.cluster.wait_for_nodes()
@@ -225,4 +201,4 @@ def test_unplaceable_stage_stalls_with_message_then_rerun_completes(multinode, i
     rerun = Job(multinode, output, tmp_path / "rerun.log")
     assert rerun.wait() == 0, rerun.log()[-3000:]
     assert "(resumed)" in rerun.log()
-    assert_same_as_clean(inputs, output, clean)
+    assert_same_as_clean(inputs, output, clean, TOTAL)

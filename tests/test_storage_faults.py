@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from faultproxy import FAULTS, FaultProxy, Rule
+from run_tables import assert_same_as_clean, tables_of
 from pipelines import storage
 from pipelines.label import LabelJobConfig, run_label_job
 
@@ -77,33 +77,12 @@ def config(store, output: str, input_prefix: str = "s3://flt-in/imgs/", **change
                           storage_options=options(proxy), **{**SMALL, **changes})
 
 
-def tables_of(fs, output: str):
-    fs.invalidate_cache()
-    images = pq.read_table(f"flt-out/{output}/images", filesystem=fs).to_pandas()
-    poses = pq.read_table(f"flt-out/{output}/poses", filesystem=fs).to_pandas()
-    return (images.sort_values("input_index").reset_index(drop=True),
-            poses.sort_values(["image_id", "person_index"]).reset_index(drop=True))
-
-
-def assert_same_as_clean(fs, output: str, clean) -> None:
-    images, poses = tables_of(fs, output)
-    clean_images, clean_poses = clean
-    assert list(images["input_index"]) == list(range(TOTAL))  # every input exactly once
-    for column in ("uri", "image_id", "status", "num_persons"):
-        assert list(images[column]) == list(clean_images[column]), column
-    assert not poses.duplicated(["image_id", "person_index"]).any()
-    assert list(poses["image_id"]) == list(clean_poses["image_id"])
-    numeric = [c for c in poses.columns if poses[c].dtype.kind in "fi"]
-    np.testing.assert_allclose(poses[numeric].to_numpy(float), clean_poses[numeric].to_numpy(float), atol=1e-4)
-    assert fs.exists(f"flt-out/{output}/_SUCCESS")
-
-
 @pytest.fixture(scope="module")
 def clean(store, ray_cluster):
     fs, _, proxy = store
     proxy.healthy()
     summary = run_label_job(config(store, "clean"))
-    images, poses = tables_of(fs, "clean")
+    images, poses = tables_of(fs, "flt-out/clean")
     assert summary.counts == {"ok": N_IMAGES, "empty": 1, "decode_error": 1}
     assert len(poses) > 0
     return images, poses
@@ -128,7 +107,7 @@ def test_faults_on_listing_reads_freezing_and_part_writes_change_nothing(store, 
     for kind in ("list", "get", "put"):
         assert sum(n for (_, k), n in injected.items() if k == kind) > 0, f"no fault on {kind} requests"
     assert summary.counts == {"ok": N_IMAGES, "empty": 1, "decode_error": 1}
-    assert_same_as_clean(fs, "faulty", clean)
+    assert_same_as_clean(fs, "flt-out/faulty", clean, TOTAL)
 
 
 def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster):
@@ -140,7 +119,7 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     finally:
         proxy.healthy()
     assert summary.counts == {"ok": 3, "read_error": 1}
-    images, _ = tables_of(fs, "cursed")
+    images, _ = tables_of(fs, "flt-out/cursed")
     row = images.set_index("image_id").loc["cursed.jpg"]
     print(f"cursed.jpg: {tries} GETs answered 503; error {row['error']!r}")
     assert row["status"] == "read_error" and row["size_bytes"] == 0
@@ -169,7 +148,7 @@ def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_
     summary = run_label_job(config(store, "partfail"))
     print(f"re-run: {kept} objects were committed, {summary.processed} processed in {summary.seconds:.1f} s")
     assert summary.resumed and summary.processed == TOTAL - kept and 0 < kept < TOTAL
-    assert_same_as_clean(fs, "partfail", clean)
+    assert_same_as_clean(fs, "flt-out/partfail", clean, TOTAL)
 
 
 def test_local_prefix_listing_is_streamed_in_the_order_of_sorted_find(tmp_path):
@@ -255,7 +234,7 @@ def test_driver_killed_between_a_chunks_poses_and_images_parts(store, clean, ray
     print(f"killed between parts; re-run: {kept} objects were committed, {summary.processed} processed in "
           f"{summary.seconds:.1f} s")
     assert summary.resumed and summary.processed == TOTAL - kept and 0 < kept < TOTAL
-    assert_same_as_clean(fs, "killparts", clean)
+    assert_same_as_clean(fs, "flt-out/killparts", clean, TOTAL)
 
 
 def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
@@ -273,7 +252,7 @@ def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
     print(f"killed while freezing: {len(fs.ls(f'{out}/_inputs'))} input parts frozen of 6")
     summary = run_label_job(config(store, "killfreeze"))
     assert summary.resumed and summary.processed == TOTAL
-    assert_same_as_clean(fs, "killfreeze", clean)
+    assert_same_as_clean(fs, "flt-out/killfreeze", clean, TOTAL)
     frozen = pq.read_table(f"{out}/_inputs", filesystem=fs)
     assert sorted(frozen["input_index"].to_pylist()) == list(range(TOTAL))
 

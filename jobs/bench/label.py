@@ -228,7 +228,7 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     rows = assemble(rows)
     timings["assemble"] = time.process_time() - started
     count = len(rows["uri"])
-    return {name: seconds / count for name, seconds in timings.items()} | {"_rows": rows}
+    return {name: seconds / count for name, seconds in timings.items()}
 
 
 class Measure:
