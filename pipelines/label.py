@@ -46,7 +46,8 @@ class LabelJobConfig:
       the fuller the forwards (COCO photos at boxsize 512 have ~10 padded shapes: 256 rows fill forwards of
       16 to 0.76, 1024 rows to 0.93, measured by `bench label`). network_batch_size None = about 1 GiB of
       network inputs, at most 1024 rows (`network_rows`). *_actors: (min, max) actor pool sizes, max None =
-      sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs reserved per task / actor (fractional on small machines, where whole CPUs can hang Ray).
+      sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs reserved per task / actor
+      (fractional on small machines, where whole CPUs can hang Ray).
     device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
       without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
       GPU), fp16 on others, fp32 on CPU. engine: "torch" (the IMHN) or "null" (an instant stand-in for
