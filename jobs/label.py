@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 from jobs.options import add_storage_option, storage_options
-from pipelines.label import LabelJobConfig, run_label_job
+from pipelines.label.job import LabelJobConfig, run_label_job
 
 LOG = logging.getLogger(__name__)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelJobConfig)}

@@ -13,14 +13,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 LOG = logging.getLogger(__name__)
-STRIDE = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,89 +61,6 @@ def decoder_config(mode: str, options: list[str]):
     return DecoderConfig(mode=mode, **changes)
 
 
-def perfect_heatmaps(image: dict, keypoint_lists: list, mode: str, map_dtype: str = "float16"):
-    """Ground-truth maps of one image as the decoder's input: (Heatmaps, post-processing seconds).
-
-    The maps are rounded to `map_dtype` and back to float32 first: the authors' oracle figures were measured
-    on float16 maps (equal bit for bit to render_heatmaps cast to float16).
-    """
-    import torch
-
-    from simplepose.infer import Heatmaps, heatmaps_from_stride4, upsample_reference
-    from simplepose.skeleton import coco_to_reference
-    from simplepose.targets import render_heatmaps
-
-    height, width = image["height"], image["width"]
-    coco = np.asarray(keypoint_lists, dtype=np.float64).reshape(-1, 17, 3)
-    maps = render_heatmaps(coco_to_reference(coco).reshape(-1, 18, 3),
-                           (math.ceil(height / STRIDE), math.ceil(width / STRIDE)))
-    maps = maps.astype(map_dtype).astype(np.float32)
-    start = time.perf_counter()
-    if mode == "reference":
-        full = torch.from_numpy(upsample_reference(maps[:48], (height, width), (height, width)))
-        heatmaps = Heatmaps(full[30:48].contiguous(), full[:30].contiguous(), (1.0, 1.0, 0.0, 0.0),
-                            (height, width))
-    else:
-        heatmaps = heatmaps_from_stride4(torch.from_numpy(maps), 1.0, (height, width))
-    return heatmaps, time.perf_counter() - start
-
-
-def _decode_chunk(task):
-    """Worker: decode a chunk of images, `batch_size` at a time through the tensor stage -> (results,
-    [(tensor_s, assembly_s, tensor_cpu_s, assembly_cpu_s, postprocess_s)] per image; a batch's tensor-stage
-    time is shared equally by its images)."""
-    import torch
-
-    from simplepose.decode import assemble, coco_results, find_candidates_batch, select_poses
-
-    torch.set_num_threads(1)
-    config, map_dtype, batch_size, items, floor = task
-    visibility = "reference" if config.is_reference else "score"
-    results, times = [], []
-    if items:  # warm-up: torch's first calls allocate and dispatch slowly; not timed
-        warm = [perfect_heatmaps(*item, config.mode, map_dtype)[0] for item in items[:batch_size]]
-        [assemble(c, config) for c in find_candidates_batch(warm, config)]
-    for first in range(0, len(items), batch_size):
-        chunk = items[first:first + batch_size]
-        rendered = [perfect_heatmaps(image, keypoint_lists, config.mode, map_dtype)
-                    for image, keypoint_lists in chunk]
-        w0, c0 = time.perf_counter(), time.thread_time()
-        candidates = find_candidates_batch([heatmaps for heatmaps, _ in rendered], config)
-        tensor_wall, tensor_cpu = (time.perf_counter() - w0) / len(chunk), (time.thread_time() - c0) / len(chunk)
-        for (image, _), cands, (_, post) in zip(chunk, candidates, rendered):
-            w1, c1 = time.perf_counter(), time.thread_time()
-            poses = assemble(cands, config)
-            times.append((tensor_wall, time.perf_counter() - w1, tensor_cpu, time.thread_time() - c1, post))
-            results += coco_results(poses if floor is None else select_poses(poses, floor), image["id"], visibility)
-    return results, times
-
-
-def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16",
-               batch_size: int = 16, floor=None):
-    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns.
-    floor: a `simplepose.decode.PoseFloor` applied to each image's persons (untimed), or None."""
-    from simplepose.coco import evaluate_keypoints
-
-    with open(annotations) as f:
-        dataset = json.load(f)
-    persons: dict[int, list] = {}
-    for ann in dataset["annotations"]:
-        if not ann.get("iscrowd", 0) and ann.get("num_keypoints", 0) > 0:
-            persons.setdefault(ann["image_id"], []).append(ann["keypoints"])
-    images = dataset["images"][:limit]
-    items = [(image, persons.get(image["id"], [])) for image in images]
-    chunks = [items[i::workers] for i in range(workers)]
-    if workers == 1:
-        outputs = [_decode_chunk((config, map_dtype, batch_size, items, floor))]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, batch_size, chunk, floor) for chunk in chunks]))
-    results = [r for out, _ in outputs for r in out]
-    times = np.array([t for _, ts in outputs for t in ts]).reshape(-1, 5)
-    stats = evaluate_keypoints(dataset, results, image_ids=[image["id"] for image in images])
-    return results, stats, times
-
-
 def main(args: argparse.Namespace) -> int:
     from jobs.bench.machine import describe_machine
 
@@ -166,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
             floor = dataclasses.replace(floor, min_person_score=args.min_person_score)
         if args.min_keypoints is not None:
             floor = dataclasses.replace(floor, min_keypoints=args.min_keypoints)
+    from pipelines.oracle import run_oracle
+
     results, stats, times = run_oracle(args.annotations, config, args.workers, args.limit,
                                         args.map_dtype, args.batch_size, floor)
     if args.results:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.train_config import load_train_config
+    from pipelines.train.config import load_train_config
 
     config = load_train_config(args.config, args.overrides)
     if args.print_config:
@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, value)  # before Ray starts, so its workers inherit them (Ray auth, MLflow telemetry)
     import ray
 
-    from pipelines.train_job import run_training
+    from pipelines.train.job import run_training
 
     if not ray.is_initialized():
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.ERROR,

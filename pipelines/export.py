@@ -39,7 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import label_run, storage
+from pipelines import storage
+from pipelines.label import run_folder
 from pipelines.errors import JobError, UsageError, about
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
@@ -86,7 +87,7 @@ def export_run(run_output: str, out_uri: str, *, format: str = "coco-results",  
     if not np.isfinite(keypoint_threshold):
         raise UsageError(f"export: --keypoint-threshold must be a number, got {keypoint_threshold}")
     started = time.monotonic()
-    folder = label_run.RunFolder(run_output, storage_options)
+    folder = run_folder.RunFolder(run_output, storage_options)
     with about("RUN", run_output, storage_options):
         run = folder.read_json("_run.json")
         complete = storage.exists(folder.uri("_SUCCESS"), storage_options)
@@ -119,10 +120,10 @@ def export_run(run_output: str, out_uri: str, *, format: str = "coco-results",  
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-def committed_chunks(folder: label_run.RunFolder) -> list[int]:
+def committed_chunks(folder: run_folder.RunFolder) -> list[int]:
     """The run's committed chunks (those with an `images` part), in order."""
     names = storage.list_names(folder.uri("images"), folder.options)
-    return sorted(c for c in map(label_run.chunk_of, names) if c is not None)
+    return sorted(c for c in map(run_folder.chunk_of, names) if c is not None)
 
 
 def read_part(uri: str, columns: list[str], storage_options: Mapping | None):
@@ -131,10 +132,10 @@ def read_part(uri: str, columns: list[str], storage_options: Mapping | None):
         return pq.read_table(f, columns=columns)
 
 
-def _chunk_tables(folder: label_run.RunFolder, chunks: list[int], poses: bool) -> Iterator[tuple[dict, dict | None]]:
+def _chunk_tables(folder: run_folder.RunFolder, chunks: list[int], poses: bool) -> Iterator[tuple[dict, dict | None]]:
     """Per chunk, its images columns (and poses columns) as numpy arrays; one chunk in memory at a time."""
     for chunk in chunks:
-        name = label_run.part_name(chunk)
+        name = run_folder.part_name(chunk)
         with about("RUN", folder.uri("images", name), folder.options):
             images = _columns(read_part(folder.uri("images", name), _IMAGE_COLUMNS, folder.options))
         if not poses:

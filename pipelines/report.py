@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines import label_run, storage, tables
+from pipelines import storage
+from pipelines.label import run_folder, tables
 from pipelines.images import DEFAULT_MAX_PIXELS, STATUSES, decode_image
 from pipelines.overlay import NO_PERSONS, draw_poses, poses_by_image
 from simplepose.skeleton import COCO_KEYPOINTS
@@ -79,16 +80,16 @@ def build_report(run_output: str, *, thumbnails: int = 8, keypoint_threshold: fl
         raise ValueError(f"build_report: thumbnails must be >= 0, got {thumbnails}")
     if thumbnail_size < 32:
         raise ValueError(f"build_report: thumbnail_size must be >= 32 pixels, got {thumbnail_size}")
-    folder = label_run.RunFolder(run_output, storage_options)
+    folder = run_folder.RunFolder(run_output, storage_options)
     image_parts = _parts(folder.uri("images"), storage_options)
     run = folder.read_json("_run.json")
     if run is None and not image_parts:
         raise ValueError(f"{run_output} has no _run.json and no images/ table: not the output folder of a labeling run")
     manifest = folder.read_json("_manifest.json")
     complete = storage.exists(folder.uri("_SUCCESS"), storage_options)
-    committed = {label_run.chunk_of(name) for name in image_parts}
+    committed = {run_folder.chunk_of(name) for name in image_parts}
     pose_parts = [name for name in _parts(folder.uri("poses"), storage_options)
-                  if label_run.chunk_of(name) in committed]  # a poses part without its images part is not committed
+                  if run_folder.chunk_of(name) in committed]  # a poses part without its images part is not committed
     if run is None:  # parts written by a job whose _run.json is gone: their metadata names the run
         run = {**_part_metadata(folder.uri("images", image_parts[0]), storage_options).get("run", {}), "settings": {}}
 
@@ -112,8 +113,8 @@ def build_report(run_output: str, *, thumbnails: int = 8, keypoint_threshold: fl
 
 def _parts(table_uri: str, storage_options: Mapping | None) -> list[str]:
     """Names of the committed-format part files of one table, by chunk."""
-    names = [n for n in storage.list_names(table_uri, storage_options) if label_run.chunk_of(n) is not None]
-    return sorted(names, key=label_run.chunk_of)
+    names = [n for n in storage.list_names(table_uri, storage_options) if run_folder.chunk_of(n) is not None]
+    return sorted(names, key=run_folder.chunk_of)
 
 
 def _read_part(uri: str, columns: list[str], storage_options: Mapping | None):
@@ -135,7 +136,7 @@ class _ImageStats:
     sample: list = dataclasses.field(default_factory=list)  # bottom-k random keys: a uniform sample of ok images
 
 
-def _image_stats(folder: label_run.RunFolder, parts: list[str], thumbnails: int, seed: int) -> _ImageStats:
+def _image_stats(folder: run_folder.RunFolder, parts: list[str], thumbnails: int, seed: int) -> _ImageStats:
     stats = _ImageStats()
     rng = np.random.default_rng(seed)
     keep = 3 * thumbnails  # random images are drawn from these, after removing the best and worst ones
@@ -181,7 +182,7 @@ class _PoseStats:
     worst: list = dataclasses.field(default_factory=list)
 
 
-def _pose_stats(folder: label_run.RunFolder, parts: list[str], thumbnails: int, threshold: float) -> _PoseStats:
+def _pose_stats(folder: run_folder.RunFolder, parts: list[str], thumbnails: int, threshold: float) -> _PoseStats:
     stats = _PoseStats()
     if not parts:
         return stats
@@ -219,7 +220,7 @@ def _pose_stats(folder: label_run.RunFolder, parts: list[str], thumbnails: int, 
     return stats
 
 
-def _column_ranges(folder: label_run.RunFolder, parts: list[str], columns: list[str]) -> dict[str, tuple[float, float]]:
+def _column_ranges(folder: run_folder.RunFolder, parts: list[str], columns: list[str]) -> dict[str, tuple[float, float]]:
     """(min, max) of float columns over the parts: from the Parquet statistics (footers only), else the data."""
     low = dict.fromkeys(columns, np.inf)
     high = dict.fromkeys(columns, -np.inf)
@@ -255,7 +256,7 @@ def _edges(low: float, high: float) -> np.ndarray:
     return np.linspace(low, high, SCORE_BINS + 1)
 
 
-def _choose_thumbnails(folder: label_run.RunFolder, images: _ImageStats, poses: _PoseStats, count: int,
+def _choose_thumbnails(folder: run_folder.RunFolder, images: _ImageStats, poses: _PoseStats, count: int,
                        storage_options: Mapping | None) -> list[dict]:
     """[{group, input_index, image_id, uri, image_score}] of the best, worst and random images."""
     if count == 0:

@@ -10,7 +10,7 @@ Prints ONE JSON object as the last line of stdout (progress goes to stderr), wit
   network          the released IMHN (random weights) in bf16: eager / channels_last / torch.compile at batch
                    1, 8, 32 -> images/s, peak memory MB
   precision        the largest |bf16 - fp32| over the output maps (same input, same weights)
-  label_stage      `pipelines.label_stages.NetworkStage` alone (no Ray) on decoded + preprocessed coco-mini
+  label_stage      `pipelines.label.stages.NetworkStage` alone (no Ray) on decoded + preprocessed coco-mini
                    photos (boxsize 512, flip, "stride4", decoder tensor stage) -> images/s, forward batch fill
   training         50 steps of the released IMHN at 384x384 with fp16 + GradScaler and with bf16, the project's
                    loss and targets -> images/s, losses finite
@@ -399,7 +399,7 @@ def section_label_stage(cfg: dict, args, clock: Clock, results: dict) -> dict:
     import numpy as np
     import torch
 
-    from pipelines import label_stages as stages
+    from pipelines.label import stages
     from simplepose.checkpoint import save_checkpoint
     from simplepose.decode import DecoderConfig
     from simplepose.infer import InferConfig
@@ -476,13 +476,13 @@ def section_label_stage(cfg: dict, args, clock: Clock, results: dict) -> dict:
 
 def _training_batches(cfg: dict, args, results: dict, size: int, batch: int, count: int, seed: int = 0):
     """(list of (images uint8 (B,S,S,3), masks, targets) CPU tensors, description of where they came from).
-    The project's samples (`pipelines.train_data.CocoKeypointSamples`: augmentation + targets of coco-mini) when
+    The project's samples (`pipelines.train.data.CocoKeypointSamples`: augmentation + targets of coco-mini) when
     pycocotools and the data are there; else random targets of the right shapes."""
     import torch
 
     data = find_data(args.data)
     if have_pycocotools(results) and data is not None:
-        from pipelines.train_data import CocoKeypointSamples
+        from pipelines.train.data import CocoKeypointSamples
         from simplepose.augment import AugmentConfig
 
         samples = CocoKeypointSamples(str(data / "annotations" / "person_keypoints_train2017.json"),
@@ -490,7 +490,7 @@ def _training_batches(cfg: dict, args, results: dict, size: int, batch: int, cou
         view = samples.for_epoch(0, size)
         n = len(view)
         out = [view.__getitems__([(k * batch + j) % n for j in range(batch)]) for k in range(count)]
-        return out, f"coco-mini samples (pipelines.train_data.CocoKeypointSamples, {n} samples)"
+        return out, f"coco-mini samples (pipelines.train.data.CocoKeypointSamples, {n} samples)"
     reason = results.get("env", {}).get("pycocotools") if data is not None else "coco-mini not found"
     generator = torch.Generator().manual_seed(seed)
     grid = size // 4
@@ -599,7 +599,7 @@ def section_training(cfg: dict, args, clock: Clock, results: dict) -> dict:
 
 class _ManyEpochs:
     """`CocoKeypointSamples` (the project's augmentation and targets) repeated over many epochs in ONE DataLoader
-    with persistent workers: `pipelines.train_data.make_loader` builds a loader per epoch, and coco-mini's 65
+    with persistent workers: `pipelines.train.data.make_loader` builds a loader per epoch, and coco-mini's 65
     samples are 4 batches, so per-epoch worker start-up would dominate a learning run of thousands of steps."""
 
     def __init__(self, samples, crop: int, repeats: int):
@@ -619,10 +619,10 @@ def _loader_batches(samples, crop: int, batch: int, workers: int, seed: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from pipelines.train_data import _already_batched, _configure_loader_process, tune_malloc
+    from pipelines.train.data import _already_batched, _configure_loader_process, tune_malloc
 
     if workers:
-        cv2.setNumThreads(1)  # an OpenCV pool running at fork time hangs the workers (pipelines.train_data)
+        cv2.setNumThreads(1)  # an OpenCV pool running at fork time hangs the workers (pipelines.train.data)
     else:
         tune_malloc()
     dataset = _ManyEpochs(samples, crop, repeats=2000)
@@ -650,7 +650,7 @@ def section_learning(cfg: dict, args, clock: Clock, results: dict) -> dict:
                             f"{results.get('env', {}).get('pycocotools')}")
         return out
     from pipelines.images import decode_image
-    from pipelines.train_data import CocoKeypointSamples
+    from pipelines.train.data import CocoKeypointSamples
     from simplepose.augment import AugmentConfig
     from simplepose.coco import evaluate_keypoints
     from simplepose.decode import DecoderConfig, assemble, coco_results, find_candidates_batch

@@ -4,7 +4,7 @@
     poses = predictor("photo.jpg")                          # simplepose.decode.Poses
     poses.keypoints, poses.scores, poses.boxes              # (P, 17, 3) COCO order, (P,), (P, 4) x, y, w, h
 
-The steps are exactly the labeling job's (`pipelines.label_stages`): `simplepose.infer.preprocess` ->
+The steps are exactly the labeling job's (`pipelines.label.stages`): `simplepose.infer.preprocess` ->
 `predict_inputs` -> `simplepose.decode.find_candidates_batch` -> `assemble` -> `select_poses` with the same
 floor (`simplepose.decode.POSE_FLOOR`). No Ray, MLflow or object-store client: models and images are local
 paths, file objects or in-memory objects (open a URI with fsspec yourself and pass the file object).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
+from pipelines.ray_cluster import quiet_environment
 
 
 class MultiNodeCluster:
@@ -21,8 +21,7 @@ class MultiNodeCluster:
 
     def __init__(self, temp_dir: str | os.PathLike, workers: int = 2, cpus: float = 2,
                  object_store_memory: int = 128 << 20):
-        for name, value in QUIET.items():
-            os.environ.setdefault(name, value)
+        quiet_environment()
         from ray.cluster_utils import Cluster
 
         self.cpus, self.object_store_memory = cpus, object_store_memory

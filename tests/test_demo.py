@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import demo
-from pipelines.samples import broken_objects, draw_scene, png_header, sample_images, write_coco_dataset
+from pipelines import demo
+from pipelines.synthetic import broken_objects, draw_scene, png_header, sample_images, write_coco_dataset
 from simplepose.skeleton import COCO_KEYPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_demo_parts_upload_samples_and_the_shipped_weights():
         s3 = boto3.client("s3", endpoint_url=endpoint)  # this server, whatever clients other tests cached
         listed = s3.list_objects_v2(Bucket=demo.BUCKET, Prefix="images/")["Contents"]
         assert {o["Key"]: o["Size"] for o in listed}["images/broken/empty.jpg"] == 0
-        from pipelines.label_stages import load_model
+        from pipelines.label.stages import load_model
 
         uri = demo.upload_shipped_weights()
         size = s3.head_object(Bucket=demo.BUCKET, Key=uri.split("/", 3)[3])["ContentLength"]
@@ -108,8 +108,8 @@ def test_demo_parts_upload_samples_and_the_shipped_weights():
 
 def label_in_process(samples, model_uri: str, boxsize: int = 256) -> list[np.ndarray]:
     """The labeling job's stages on `samples` without Ray; returns each image's keypoints (P, 17, 3)."""
-    from pipelines.label import LabelJobConfig
-    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage
+    from pipelines.label.job import LabelJobConfig
+    from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage
 
     config = LabelJobConfig(input="x", output="y", model=model_uri, boxsize=boxsize)
     n = len(samples)

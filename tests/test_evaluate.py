@@ -113,9 +113,9 @@ def test_evaluate_command_on_s3_with_a_registered_model(tmp_path, coco_mini_on_s
 
 
 def test_retraining_chain_evaluates_and_promotes(tmp_path, coco_mini_on_s3):
-    from pipelines.train import TrainResult
-    from pipelines.train_config import load_train_config
-    from pipelines.train_job import evaluate_and_promote
+    from pipelines.train.loop import TrainResult
+    from pipelines.train.config import load_train_config
+    from pipelines.train.job import evaluate_and_promote
 
     annotations, images, _ = coco_mini_on_s3
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"

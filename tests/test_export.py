@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jobs import cli
-from pipelines import export, label_run, storage, tables
+from pipelines import export, storage
+from pipelines.label import run_folder, tables
 from pipelines.errors import JobError
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
@@ -55,7 +56,7 @@ def write_run(root: str, annotations_path, chunk_size: int = 10, complete: bool 
         rows.append({"input_index": index, "image_id": name, "uri": uri, "status": status,
                      "error": "" if status == "ok" else "not an image", "size_bytes": 1000,
                      "width": image["width"], "height": image["height"], "num_persons": len(found)})
-    folder = label_run.RunFolder(storage.join(root, "run"), storage_options)
+    folder = run_folder.RunFolder(storage.join(root, "run"), storage_options)
     run = {"run_id": RUN_ID, "model_name": "coco-annotations", "model_version": "gt-1", "settings": {}}
     folder.write_json("_run.json", run)
     chunks = [rows[i:i + chunk_size] for i in range(0, len(rows), chunk_size)]
@@ -222,7 +223,7 @@ def test_many_parts_are_read_one_at_a_time(tmp_path, coco_mini_annotations, monk
         reads.clear()
         export.export_run(str(many / "run"), str(many / f"{fmt}.json"), format=fmt,
                           annotations=str(coco_mini_annotations))
-        names = [label_run.part_name(c) for c in range(run["chunks"])]
+        names = [run_folder.part_name(c) for c in range(run["chunks"])]
         both = [f"{table}/{name}" for name in names for table in ("images", "poses")]
         assert reads == both if fmt == "coco-results" else reads == [f"images/{n}" for n in names] + both
         export.export_run(str(one / "run"), str(one / f"{fmt}.json"), format=fmt,

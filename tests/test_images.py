@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.images import STATUSES, DecodedImage, decode_image, status_table
-from pipelines.samples import broken_objects, draw_scene, png_header, sample_images
+from pipelines.synthetic import broken_objects, draw_scene, png_header, sample_images
 
 RED_BGR, BLUE_BGR = (0, 0, 255), (255, 0, 0)
 

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import label_run, storage, tables
-from pipelines.label import ChunkWriter, LabelJobConfig, chunk_tables, describe_model
+from pipelines import storage
+from pipelines.label import run_folder, tables
+from pipelines.label.job import ChunkWriter, LabelJobConfig, chunk_tables, describe_model
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 
@@ -129,7 +130,7 @@ def test_redact_hides_secrets():
 
 
 def test_run_folder_freeze_start_and_overwrite(tmp_path):
-    folder = label_run.RunFolder(str(tmp_path / "out"))
+    folder = run_folder.RunFolder(str(tmp_path / "out"))
     run = {"run_id": "r1", "settings": {"boxsize": 640}}
     assert folder.start(run, overwrite=False) is False
     assert folder.start(run, overwrite=False) is True
@@ -137,18 +138,18 @@ def test_run_folder_freeze_start_and_overwrite(tmp_path):
     assert folder.freeze_inputs(uris, chunk_size=2) == (3, 5)
     assert folder.freeze_inputs(iter(()), chunk_size=2) == (3, 5)  # frozen: the new listing is ignored
     with pytest.raises(ValueError, match="matched no objects"):
-        label_run.RunFolder(str(tmp_path / "empty")).freeze_inputs(iter(()), chunk_size=2)
-    last = pq.read_table(str(tmp_path / "out" / "_inputs" / label_run.part_name(2)))
+        run_folder.RunFolder(str(tmp_path / "empty")).freeze_inputs(iter(()), chunk_size=2)
+    last = pq.read_table(str(tmp_path / "out" / "_inputs" / run_folder.part_name(2)))
     assert last["input_index"].to_pylist() == [4]
     with pytest.raises(ValueError, match="changed: boxsize"):
         folder.start({"run_id": "r2", "settings": {"boxsize": 512}}, overwrite=False)
     assert folder.start({"run_id": "r2", "settings": {}}, overwrite=True) is False
     assert not (tmp_path / "out" / "_inputs").exists()
-    assert label_run.chunk_of("part-000012.parquet") == 12 and label_run.chunk_of(".part-1.tmp") is None
+    assert run_folder.chunk_of("part-000012.parquet") == 12 and run_folder.chunk_of(".part-1.tmp") is None
 
 
 def test_chunk_writer_commits_complete_chunks_once(tmp_path):
-    folder = label_run.RunFolder(str(tmp_path / "out"))
+    folder = run_folder.RunFolder(str(tmp_path / "out"))
     rows = _pose_rows() + [{**_pose_rows()[1], "input_index": 2, "image_id": "c", "status": "decode_error"}]
     writer = ChunkWriter(folder, RUN, chunk_size=2, objects=3, pending=[0, 1], progress_interval_s=0)
 
@@ -177,7 +178,7 @@ def test_label_job_config_validates():
 
 
 def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
-    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_objects_batch
+    from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, read_objects_batch
 
     image = sorted((coco_mini / "train2017").glob("*.jpg"))[0]
     (tmp_path / "truncated.jpg").write_bytes(image.read_bytes()[:2000])
@@ -205,7 +206,7 @@ def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
 
 
 def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
-    from pipelines.label_stages import NetworkStage, pack_inputs
+    from pipelines.label.stages import NetworkStage, pack_inputs
     from simplepose.infer import ScaleInput
 
     config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
@@ -229,7 +230,7 @@ def test_help_runs(command, option):
 
 def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monkeypatch):
     from pipelines import registry, tracking
-    from pipelines.label_stages import load_model
+    from pipelines.label.stages import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     client = tracking.client()
@@ -245,7 +246,7 @@ def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monk
 
 
 def test_cuda_on_a_cluster_without_gpus_fails_at_once():
-    from pipelines.label_ray import resolve_device
+    from pipelines.label.graph import resolve_device
 
     config = LabelJobConfig(input="a", output="b", model="c", device="cuda")
     with pytest.raises(ValueError, match="no GPUs"):
@@ -255,7 +256,7 @@ def test_cuda_on_a_cluster_without_gpus_fails_at_once():
 
 
 def test_pools_are_sized_from_the_cluster():
-    from pipelines.label_ray import pool_sizes
+    from pipelines.label.graph import pool_sizes
 
     config = LabelJobConfig(input="a", output="b", model="c")
     gpu = pool_sizes(config, {"CPU": 32.0, "GPU": 4.0}, "cuda")
@@ -280,7 +281,7 @@ def test_network_stage_groups_by_shape_into_full_forwards(tiny_checkpoint):
     candidates equal one-by-one runs (torch engine) and the null engine groups the same way."""
     import pickle
 
-    from pipelines.label_stages import NetworkStage, pack_inputs
+    from pipelines.label.stages import NetworkStage, pack_inputs
     from simplepose.infer import ScaleInput
 
     rng = np.random.default_rng(0)

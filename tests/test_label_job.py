@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import tables
-from pipelines.label import LabelJobConfig, run_label_job
+from pipelines.label import tables
+from pipelines.label.job import LabelJobConfig, run_label_job
 
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error", "random.jpg": "decode_error",

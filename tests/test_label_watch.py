@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipelines.errors import JobError, explain
-from pipelines.label_watch import LabelJobStalled, Watchdog
+from pipelines.label.watch import LabelJobStalled, Watchdog
 
 
 class Writer:
@@ -24,7 +24,7 @@ class Writer:
 def test_stall_interrupts_a_blocked_consumer_and_names_the_waiting_stage(caplog):
     writer = Writer()
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, "pipelines.label_watch"), pytest.raises(LabelJobStalled) as raised:
+    with caplog.at_level(logging.ERROR, "pipelines.label.watch"), pytest.raises(LabelJobStalled) as raised:
         with Watchdog(writer, 0.1, 0.5, lambda: "network waits for 1 actor of CPU 3"):
             threading.Event().wait(30)  # a blocking wait, as Ray Data's iterator
     assert time.monotonic() - started < 3

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.label import LabelJobConfig, run_label_job
+from pipelines.label.job import LabelJobConfig, run_label_job
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "jobs" / "weights" / "imhn-tiny-stickfigures.pt"
 SMALL = dict(decode_actors=(1, 1), network_actors=(1, 1), assemble_actors=(1, 1), network_cpus=0.5,

@@ -1,4 +1,4 @@
-"""jobs.render: overlays drawn from a labeling run's tables (built here from the synthetic samples' keypoints)."""
+"""pipelines.render: overlays drawn from a labeling run's tables (built here from the synthetic samples' keypoints)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,10 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from jobs.render import PALETTE, draw_poses, render_run
-from pipelines import storage, tables
+from pipelines.overlay import PALETTE, draw_poses
+from pipelines.render import render_run
+from pipelines import storage
+from pipelines.label import tables
 from pipelines.images import decode_image
-from pipelines.samples import broken_objects, sample_images
+from pipelines.synthetic import broken_objects, sample_images
 from simplepose.skeleton import COCO_KEYPOINTS
 
 

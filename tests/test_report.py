@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import label_run, storage, tables
+from pipelines import storage
+from pipelines.label import run_folder, tables
 from pipelines.report import CHARTS_HINT, build_report, write_report
 from simplepose.skeleton import COCO_KEYPOINTS
 
@@ -49,7 +50,7 @@ def write_run(root: str, coco_mini, complete: bool = True, with_persons: bool = 
         rows.append({"input_index": index, "image_id": name, "uri": uri, "status": status,
                      "error": "" if status == "ok" else status, "size_bytes": len(data), "width": width,
                      "height": height, "num_persons": len(found)})
-    folder = label_run.RunFolder(storage.join(root, "run"))
+    folder = run_folder.RunFolder(storage.join(root, "run"))
     run = {"run_id": "feedc0ffee123456", "model_name": "coco-annotations", "model_version": "gt-1",
            "settings": {"input": storage.join(root, "src"), "mode": "improved", "max_pixels": 50_000_000,
                         "chunk_size": 6, "infer": {"boxsize": 512, "flip": True, "scales": [1.0]}}}

@@ -20,7 +20,7 @@ import pytest
 from faultproxy import FAULTS, FaultProxy, Rule
 from run_tables import assert_same_as_clean, tables_of
 from pipelines import storage
-from pipelines.label import LabelJobConfig, run_label_job
+from pipelines.label.job import LabelJobConfig, run_label_job
 
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}

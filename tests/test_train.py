@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipelines import registry, tracking
-from pipelines.train import STATE_FILE
-from pipelines.train_config import load_train_config
-from pipelines.train_job import run_training
+from pipelines.train.loop import STATE_FILE
+from pipelines.train.config import load_train_config
+from pipelines.train.job import run_training
 
 
 @pytest.fixture(scope="module")

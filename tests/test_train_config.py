@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train import learning_rate, load_state, make_optimizer, precision, save_state
-from pipelines.train_config import TrainConfig, config_from_dict, load_train_config
+from pipelines.train.loop import learning_rate, load_state, make_optimizer, precision, save_state
+from pipelines.train.config import TrainConfig, config_from_dict, load_train_config
 from simplepose.model import IMHN, IMHNConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -104,7 +104,7 @@ def test_state_round_trip_restores_optimizer_and_epoch(tmp_path):
 
 
 def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
-    from pipelines.train_job import with_absolute_paths
+    from pipelines.train.job import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     config = with_absolute_paths(load_train_config(None, [

@@ -1,4 +1,4 @@
-"""Training data loader (pipelines.train_data): batches built whole by `__getitems__`, equal to the samples one
+"""Training data loader (pipelines.train.data): batches built whole by `__getitems__`, equal to the samples one
 by one, deterministic per (seed, epoch, index), the same through worker processes."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.train_data import CocoKeypointSamples, make_loader
+from pipelines.train.data import CocoKeypointSamples, make_loader
 from simplepose.augment import AugmentConfig
 
 

@@ -17,8 +17,8 @@ import torch
 
 from cluster import _parent, ray_workers
 from pipelines import tracking
-from pipelines.train import STATE_FILE
-from pipelines.train_job import run_training
+from pipelines.train.loop import STATE_FILE
+from pipelines.train.job import run_training
 from test_train import coco_bucket, tiny_config  # noqa: F401 - the fixture is used by name
 
 STEPS = 6  # per epoch: 2 workers x batch 2 x 6 steps = 24 samples

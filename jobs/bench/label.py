@@ -9,7 +9,7 @@ library's own cost, without Ray.
 CPU is read from /proc for every process of the job (this driver, Ray's raylet and GCS, every worker),
 sampled every 0.2 s so that actors which exit at the end of an operator still count (up to 0.2 s of an
 exiting process's CPU can be missed). `--null-network` replaces the network by an instant stand-in
-(`pipelines.label_stages.NullNetwork`: shapes still grouped, realistic candidates), so that only the CPU path
+(`pipelines.label.stages.NullNetwork`: shapes still grouped, realistic candidates), so that only the CPU path
 and the driver are timed. With a real network, `cpu_ms_per_image` excludes the forward's own CPU (measured
 bare). `--json`: the last line printed is one JSON object with every figure.
 
@@ -206,7 +206,7 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     """CPU seconds per image of each stage called directly in this process (no Ray), on the first slices."""
     import numpy as np
 
-    from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
+    from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
 
     batch = {name: np.asarray([s[name] for s in slices], dtype=object) for name in ("chunk_uri", "start", "stop")}
     timings = {}
@@ -273,9 +273,11 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jobs.bench.machine import describe_machine
-    from pipelines import label_run, storage
-    from pipelines.label import ChunkWriter, LabelJobConfig, describe_model
-    from pipelines.label_ray import build_dataset, connect_ray, source, stages
+    from pipelines import storage
+    from pipelines.label import run_folder
+    from pipelines.label.job import ChunkWriter, LabelJobConfig, describe_model
+    from pipelines.label.graph import build_dataset, data_context, source, stages
+    from pipelines.ray_cluster import connect_ray
 
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
     uris = _input_uris(args.input, args.images, folder)
@@ -292,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
         decode_actors=(1, args.decode_actors), network_actors=(1, args.network_actors),
         assemble_actors=(1, args.assemble_actors), progress_interval_s=1e9)
     if args.fixed_pools:  # every pool starts at its maximum: Ray Data's actor autoscaler has nothing to do
-        from pipelines.label_ray import pool_sizes
+        from pipelines.label.graph import pool_sizes
 
         sizes = pool_sizes(config, {"CPU": float(os.cpu_count())}, "cpu")
         config = dataclasses.replace(config, **{f"{name}_actors": (high, high) for name, (_, high) in sizes.items()})
@@ -308,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     def frozen(name: str, count: int):
         manifest = folder / f"{name}.txt"
         manifest.write_text("\n".join(uris[:count]) + "\n")
-        output = label_run.RunFolder(str(folder / name))
+        output = run_folder.RunFolder(str(folder / name))
         chunks, frozen_count = output.freeze_inputs(storage.iter_input_uris(str(manifest)), config.chunk_size)
         if frozen_count != count:
             raise RuntimeError(f"bench label: {frozen_count} objects frozen for {count} URIs")
@@ -317,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
 
     cpu = ProcessCpu()
     results: dict[str, dict] = {}
-    with connect_ray() as resources:
+    with connect_ray() as resources, data_context():
         runs = {}
         for name, count in (("small", small_count), ("big", args.images)):
             output, chunk_uris, rows_of = frozen(name, count)

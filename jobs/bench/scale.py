@@ -101,12 +101,13 @@ def read_inputs(folder, chunk: int) -> dict:
 
 def warm_up(root: Path, batch: int) -> None:
     """The whole path once on 100 objects, so that imports and first calls are not counted in any N."""
-    from pipelines import label_run, storage
-    from pipelines.label import ChunkWriter
+    from pipelines import storage
+    from pipelines.label import run_folder
+    from pipelines.label.job import ChunkWriter
 
     input_uri = str(generate(root, 100)) + "/"
     run = {"run_id": "warm", "settings": {}, "model_name": "bench", "model_version": "0"}
-    folder = label_run.RunFolder(str(root / "out-warm"))
+    folder = run_folder.RunFolder(str(root / "out-warm"))
     folder.start(run, overwrite=True)
     chunks, objects = folder.freeze_inputs(storage.iter_input_uris(input_uri), 50)
     writer = ChunkWriter(folder, run, 50, objects, list(range(chunks)), progress_interval_s=1e9)
@@ -118,16 +119,17 @@ def warm_up(root: Path, batch: int) -> None:
 
 
 def measure_one(n: int, root: Path, chunk_size: int, batch: int) -> dict:
-    from pipelines import label_run, preflight, storage
-    from pipelines.label import ChunkWriter
+    from pipelines import preflight, storage
+    from pipelines.label import run_folder
+    from pipelines.label.job import ChunkWriter
 
     prefix = generate(root, n)
     warm_up(root, batch)
     input_uri = str(prefix) + "/"
     output = str(root / f"out-{n}")
-    run = {"run_id": label_run.run_id_for({"bench": "scale", "n": n}), "settings": {"input": input_uri},
+    run = {"run_id": run_folder.run_id_for({"bench": "scale", "n": n}), "settings": {"input": input_uri},
            "model_name": "bench", "model_version": "0"}
-    folder = label_run.RunFolder(output)
+    folder = run_folder.RunFolder(output)
     folder.start(run, overwrite=True)
 
     started = time.perf_counter()
@@ -149,14 +151,14 @@ def measure_one(n: int, root: Path, chunk_size: int, batch: int) -> dict:
 
     # a run committed but for its last chunk (killed before it): remove that chunk's parts and the markers
     last = chunks - 1
-    for name in ("_SUCCESS", "_manifest.json", f"images/{label_run.part_name(last)}",
-                 f"poses/{label_run.part_name(last)}"):
+    for name in ("_SUCCESS", "_manifest.json", f"images/{run_folder.part_name(last)}",
+                 f"poses/{run_folder.part_name(last)}"):
         os.remove(os.path.join(output, name))
 
     started = time.perf_counter()
     preflight.check_input(input_uri)
     preflight.check_output(output)
-    folder = label_run.RunFolder(output)
+    folder = run_folder.RunFolder(output)
     resumed = folder.start(run, overwrite=False)
     assert resumed and folder.complete() is None
     chunks_again, objects_again = folder.freeze_inputs(storage.iter_input_uris(input_uri), chunk_size)

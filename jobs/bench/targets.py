@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from jobs.bench.machine import describe_machine
-from pipelines.train_data import tune_malloc
+from pipelines.train.data import tune_malloc
 from simplepose.augment import AugmentConfig, SourceImage
 from simplepose.coco import build_samples, image_masks, load_coco, training_samples
 from simplepose.targets import STYLES, TargetConfig

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from pipelines import registry, tracking
-from pipelines.train_config import OptimizerConfig, TrainConfig, config_from_dict
-from pipelines.train_data import CocoKeypointSamples, make_loader
+from pipelines.train.config import OptimizerConfig, TrainConfig, config_from_dict
+from pipelines.train.data import CocoKeypointSamples, make_loader
 from simplepose.checkpoint import load_checkpoint, save_checkpoint
 from simplepose.loss import multitask_loss
 from simplepose.model import IMHN, network_input

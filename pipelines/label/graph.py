@@ -1,4 +1,4 @@
-"""The labeling job's Ray side: joining or starting Ray, and the Ray Data graph of the stages.
+"""The labeling job's Ray Data graph: one operator per stage, pools sized from the cluster.
 
 Each stage is its own operator with its own resources (docs/architecture.md): reads are light tasks,
 decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the default
@@ -10,55 +10,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 
-
-from pipelines.label_stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
+from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
 
 LOG = logging.getLogger(__name__)
 
-# Before `import ray`, so its workers inherit them: no token-auth file, no usage stats, no C++ actor-argument noise.
 BLOCK_BYTES = 256 << 20
 """Ray Data's target block size: large enough that a stage's batch (e.g. 64 decoded 512-px inputs, ~64 MB)
 stays one block. Blocks are sized by the stages' batch sizes instead: the driver's scheduling cost is per
 block, so one image per block (1 MiB blocks) made the driver the bottleneck (~8 ms of its CPU per image)."""
 
-QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "fatal"}
-
 
 @contextlib.contextmanager
-def connect_ray(address: str | None = None) -> Iterator[dict[str, float]]:
-    """Use the Ray this process is already connected to, join `address` / $RAY_ADDRESS, or start a local
-    Ray (stopped again on exit). Yields the cluster's resources ({"CPU": n, "GPU": g, ...})."""
-    for name, value in QUIET_ENV.items():
-        os.environ.setdefault(name, value)
-    import ray
+def data_context() -> Iterator[None]:
+    """Ray Data settings of the labeling job for the duration of one run, restored on exit (the context is per
+    process): no progress bars (the job logs its own progress: objects, failures, images/s), `BLOCK_BYTES`."""
     import ray.data
 
-    started = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        LOG.info("%s", f"joining Ray at {address}" if address else "starting a local Ray")
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        started = True
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its own logger: ray.init's level does not reach it
     context = ray.data.DataContext.get_current()
-    # The job logs its own progress (objects, failures, images/s). Small blocks: a map task turns one input
-    # block into one task, so with the default 128 MiB blocks the objects of a whole chunk would go through
-    # each stage as one task (no pipelining, no parallelism). Restored on exit: the context is per process.
     settings = {"enable_progress_bars": False, "print_on_execution_start": False,
                 "target_max_block_size": BLOCK_BYTES}
     previous = {name: getattr(context, name) for name in settings}
     for name, value in settings.items():
         setattr(context, name, value)
     try:
-        yield dict(ray.cluster_resources())
+        yield
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
-        if started:
-            ray.shutdown()
 
 
 def resolve_device(config, resources: Mapping[str, float]) -> str:

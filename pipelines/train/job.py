@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 from pipelines import registry, tracking
-from pipelines.train import STATE_FILE, TrainResult, train_loop
-from pipelines.train_config import TrainConfig
+from pipelines.train.loop import STATE_FILE, TrainResult, train_loop
+from pipelines.train.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
 

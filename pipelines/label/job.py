@@ -1,8 +1,8 @@
 """The labeling job: image objects in storage -> Ray Data (read, decode, network, assembly) -> Parquet tables.
 
 `run_label_job(LabelJobConfig(...))` is the whole job; `jobs/label.py` is its command line and
-`docs/tables.md` documents its output. The stages are in `pipelines.label_stages`, the output folder
-protocol (resume, exactly-once commits, success marker) in `pipelines.label_run`.
+`docs/tables.md` documents its output. The stages are in `pipelines.label.stages`, the output folder
+protocol (resume, exactly-once commits, success marker) in `pipelines.label.run_folder`.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipelines import errors, label_run, preflight, storage, tables
-from pipelines.label_ray import build_dataset, connect_ray, resolve_device
-from pipelines.label_stages import IMAGE_COLUMNS, NETWORK_ENGINES
-from pipelines.label_watch import LabelJobStalled, Watchdog, stage_resources, waiting_stages  # noqa: F401
+from pipelines import errors, preflight, storage
+from pipelines.label import run_folder, tables
+from pipelines.label.graph import build_dataset, data_context, resolve_device
+from pipelines.ray_cluster import connect_ray
+from pipelines.label.stages import IMAGE_COLUMNS, NETWORK_ENGINES
+from pipelines.label.watch import LabelJobStalled, Watchdog, stage_resources, waiting_stages  # noqa: F401
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class LabelJobConfig:
     flip); `mode` is the decoder's (`simplepose.decode.DecoderConfig.mode`). Sizes are pixels.
 
     input: prefix, glob, single object or manifest (.parquet/.csv/.txt/.lst of URIs) of any fsspec URI.
-    output: folder URI of the run (see `pipelines.label_run`). model: checkpoint URI or models:/NAME@ALIAS.
+    output: folder URI of the run (see `pipelines.label.run_folder`). model: checkpoint URI or models:/NAME@ALIAS.
     aggregation: heatmap aggregation (`InferConfig.aggregation`); None = "reference" for mode "reference"
       (its decoder needs original-resolution maps), else "stride4" (maps stay on the device, no upsampling).
     min_person_score, min_keypoints: the output floor of the poses table (`simplepose.decode.PoseFloor`;
@@ -46,7 +48,7 @@ class LabelJobConfig:
       the fuller the forwards (COCO photos at boxsize 512 have ~10 padded shapes: 256 rows fill forwards of
       16 to 0.76, 1024 rows to 0.93, measured by `bench label`). network_batch_size None = about 1 GiB of
       network inputs, at most 1024 rows (`network_rows`). *_actors: (min, max) actor pool sizes, max None =
-      sized from the cluster (`label_ray.pool_sizes`). *_cpus: logical CPUs reserved per task / actor
+      sized from the cluster (`pipelines.label.graph.pool_sizes`). *_cpus: logical CPUs reserved per task / actor
       (fractional on small machines, where whole CPUs can hang Ray).
     device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
       without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
@@ -189,10 +191,10 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
     """Label every input object into OUTPUT/images and OUTPUT/poses; resumable and exactly-once per run."""
     started = time.monotonic()
     preflight.check_label_job(config)  # INPUT and OUTPUT usable: nothing is written to OUTPUT otherwise
-    folder = label_run.RunFolder(config.output, config.storage_options)
+    folder = run_folder.RunFolder(config.output, config.storage_options)
     model_uri, model_name, model_version = describe_model(config.model, config.storage_options)
     settings = {**config.settings(), "model_version": model_version}
-    run_id = label_run.run_id_for(settings)
+    run_id = run_folder.run_id_for(settings)
     run = {"run_id": run_id, "settings": settings, "model_name": model_name, "model_version": model_version}
     resumed = folder.start(run, config.overwrite)
     if (manifest := folder.complete()) is not None:
@@ -207,7 +209,7 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
     processed = 0
     if pending:
         writer = ChunkWriter(folder, run, config.chunk_size, objects, pending, config.progress_interval_s)
-        with connect_ray(config.address) as ray_resources:
+        with connect_ray(config.address) as ray_resources, data_context():
             dataset = build_dataset(config, model_uri, [folder.input_chunk_uri(c) for c in pending],
                                     [writer.expected[c] for c in pending], ray_resources)
             needs = stage_resources(config, resolve_device(config, ray_resources))
@@ -237,7 +239,7 @@ class ChunkWriter:
     second one job can drive.
     """
 
-    def __init__(self, folder: label_run.RunFolder, run: dict, chunk_size: int, objects: int,
+    def __init__(self, folder: run_folder.RunFolder, run: dict, chunk_size: int, objects: int,
                  pending: list[int], progress_interval_s: float):
         self.folder, self.run, self.chunk_size, self.objects = folder, run, chunk_size, objects
         self.expected = {c: min(chunk_size, objects - c * chunk_size) for c in pending}
@@ -355,7 +357,7 @@ def describe_model(model: str, storage_options: Mapping | None = None) -> tuple[
     return model, name, version
 
 
-def _summary(config: LabelJobConfig, folder: label_run.RunFolder, manifest: dict, processed: int,
+def _summary(config: LabelJobConfig, folder: run_folder.RunFolder, manifest: dict, processed: int,
              seconds: float, resumed: bool) -> LabelSummary:
     return LabelSummary(
         run_id=manifest["run_id"], output=config.output, counts=dict(manifest["counts"]),

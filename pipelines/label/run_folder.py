@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage, tables
+from pipelines import storage
+from pipelines.label import tables
 from pipelines.errors import NoInputError
 
 LOG = logging.getLogger(__name__)

@@ -268,7 +268,7 @@ class NullNetwork:
     def __init__(self, decoder_config):
         import torch
 
-        from pipelines.samples import draw_scene
+        from pipelines.synthetic import draw_scene
         from simplepose.decode import find_candidates
         from simplepose.infer import heatmaps_from_stride4
         from simplepose.skeleton import coco_to_reference
