@@ -119,7 +119,7 @@ def render_heatmaps_batch(keypoints: Sequence[np.ndarray], grid_shape: tuple[int
     keypoints: B arrays (P_i, 18, 3) as in `render_heatmaps`; person_masks: None or (B, h, w) float in [0, 1].
     The windows and boxes of the whole batch are laid out together (numpy: its per-call cost is shared);
     then each image is zeroed and drawn by compiled kernels while its 3 MB are in cache. Training loaders
-    build whole batches (`simplepose.coco.build_samples`).
+    build whole batches (`simplepose.samples.build_samples`).
     """
     if len(grid_shape) != 2 or min(grid_shape) < 1:
         raise ValueError(f"render_heatmaps: grid_shape must be (h, w) >= 1, got {grid_shape!r}")

@@ -1,7 +1,7 @@
 """`simplepose bench targets`: training samples per second per core (augmentation + ground truth).
 
 As in the reference's HDF5 pipeline (docs/method.md §4.3), images are decoded and their person masks computed once,
-before timing. The timed loop is what a data-loader worker does per batch (`simplepose.coco.build_samples`):
+before timing. The timed loop is what a data-loader worker does per batch (`simplepose.samples.build_samples`):
 per sample, draw the augmentation, tint, warp image and masks, move the keypoints; then render the 50 target
 maps of the whole batch in one pass. Images stay uint8: the training loop makes them float on its device
 (`simplepose.model.network_input`). --batch 1 measures sample by sample. Each worker is one process with
@@ -30,7 +30,8 @@ import numpy as np
 from jobs.bench.machine import describe_machine
 from pipelines.train.data import tune_malloc
 from simplepose.augment import AugmentConfig, SourceImage
-from simplepose.coco import build_samples, image_masks, load_coco, training_samples
+from simplepose.coco import image_masks, load_coco, training_samples
+from simplepose.samples import build_samples
 from simplepose.targets import STYLES, TargetConfig
 
 REFERENCE_SAMPLES_PER_S = 40.0

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from simplepose.augment import AugmentConfig, SourceImage
-from simplepose.coco import build_samples, image_masks, load_coco, training_samples
+from simplepose.coco import image_masks, load_coco, training_samples
+from simplepose.samples import build_samples
 from simplepose.targets import TargetConfig
 
 LOG = logging.getLogger(__name__)
