@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+from pipelines.errors import explain
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "run the labeling job end to end on an embedded local stack"),
     "label": ("jobs.label", "label images from object storage into Parquet pose tables"),
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"simplepose {top.command}"
     module_name, help_text = COMMANDS[top.command]
     try:
+        # Only the chosen command's module: `simplepose --help` and each command skip the others' torch/Ray.
         module = importlib.import_module(module_name)
         command_parser = Parser(prog=prog, description=help_text)
         module.add_arguments(command_parser)
@@ -69,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure becomes one or two lines (pipelines.errors)
-        from pipelines.errors import explain
-
         if debug:
             traceback.print_exc()
         explained = explain(error)

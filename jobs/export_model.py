@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401 - an optional extra, imported here only to say so before any work
     except ImportError:
         raise JobError("export-model needs the onnx package, which is not installed", ONNX_HINT) from None
     with about("CHECKPOINT", args.checkpoint, options), storage.open_binary(args.checkpoint, options) as f:
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
 def check_graph(model, graph: bytes, shape=(2, 3, 2 * INPUT_MULTIPLE, 3 * INPUT_MULTIPLE)) -> float:
     """Max |onnxruntime - torch| / max |torch| on a random input of `shape`; a JobError above 1e-4."""
     try:
-        import onnxruntime
+        import onnxruntime  # an optional extra: --no-check exports without it
     except ImportError:
         raise JobError("checking the export needs onnxruntime, which is not installed",
                        f"{ONNX_HINT}, or pass --no-check") from None

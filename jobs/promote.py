@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 
+from pipelines import registry, tracking
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registered model name, e.g. simplepose-imhn")
@@ -19,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines import registry, tracking
-
     decision = registry.promote(tracking.client(args.tracking_uri), args.model, args.set_name, args.metric,
                                 args.candidate_alias, args.champion_alias)
     print(json.dumps(dataclasses.asdict(decision)))

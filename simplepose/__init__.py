@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 def load_model(path, **kwargs):
     """Build an IMHN from our checkpoint or the authors' (`simplepose.checkpoint.load_model`)."""
+    # Imported on call, like `Predictor` below: `import simplepose` stays light, without torch.
     from simplepose.checkpoint import load_model as _load_model
 
     return _load_model(path, **kwargs)

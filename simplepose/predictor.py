@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from simplepose.checkpoint import load_model
 from simplepose.decode import POSE_FLOOR, DecoderConfig, Poses, PoseFloor, assemble, find_candidates_batch, \
     select_poses
 from simplepose.infer import HEAD, LABELING, PAPER, InferConfig, predict_inputs, prepare_model, preprocess
@@ -120,8 +122,6 @@ def to_bgr(image, rgb: bool = False) -> np.ndarray:
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"the image is empty, shape {image.shape}")
         return np.ascontiguousarray(image[..., ::-1] if rgb else image)
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if isinstance(image, Image.Image):
         return _pil_to_bgr(image)
     if isinstance(image, (str, os.PathLike)):
@@ -142,8 +142,6 @@ def to_bgr(image, rgb: bool = False) -> np.ndarray:
 
 def _pil_to_bgr(image) -> np.ndarray:
     """PIL image -> uint8 BGR; transparent pixels composited over white, as the labeling job decodes."""
-    from PIL import Image
-
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -163,8 +161,6 @@ def _load(model) -> torch.nn.Module:
     if not isinstance(model, (str, os.PathLike)) and not hasattr(model, "read"):
         raise ValueError(f"Predictor: model must be a checkpoint path, a binary file object or an nn.Module, "
                          f"got {type(model).__name__}")
-    from simplepose.checkpoint import load_model
-
     return load_model(model)
 
 

@@ -22,7 +22,7 @@ class MultiNodeCluster:
     def __init__(self, temp_dir: str | os.PathLike, workers: int = 2, cpus: float = 2,
                  object_store_memory: int = 128 << 20):
         quiet_environment()
-        from ray.cluster_utils import Cluster
+        from ray.cluster_utils import Cluster  # after quiet_environment(): Ray reads it when imported
 
         self.cpus, self.object_store_memory = cpus, object_store_memory
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
@@ -46,7 +46,7 @@ class MultiNodeCluster:
 
     @staticmethod
     def raylet_pid(node) -> int:
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # deferred with Cluster above (after quiet_environment)
 
         return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 

@@ -51,7 +51,7 @@ def coco_mini_annotations(coco_mini) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-protocol server (moto's standalone server) on loopback; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # deferred: moto (extra `local`) is only for the S3 tests
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -71,7 +71,7 @@ def s3_endpoint():
 def ray_cluster(s3_endpoint, tmp_path_factory):
     """A real local Ray cluster (2 logical CPUs, as in CI), started once per session after the S3 server
     so that its workers inherit AWS_ENDPOINT_URL."""
-    import ray
+    import ray  # deferred: only Ray tests pay for importing it, after the settings above
     import ray.data
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,

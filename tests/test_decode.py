@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simplepose.decode import Candidates, DecoderConfig, Poses, assemble, coco_results, decode, find_candidates
+from simplepose.decode import (Candidates, DecoderConfig, Poses, assemble, coco_results, decode, find_candidates,
+                               find_candidates_batch)
 from simplepose.decode.pairs import enumerate_pairs, stride_pair_scores
 from simplepose.decode.peaks import Peaks, reference_peaks, stride_peaks
 from simplepose.infer import Heatmaps
@@ -305,8 +306,6 @@ def test_assembly_invariants_on_random_pairs(data):
 
 def test_batch_equals_one_by_one_and_keeps_images_apart():
     """A batch of differently sized images gives each image exactly its own single-image candidates."""
-    from simplepose.decode import find_candidates_batch
-
     batch = [stride4_heatmaps(person(80, 40)[None], (240, 200)),
              Heatmaps(torch.zeros(18, 10, 12), torch.zeros(30, 10, 12), STRIDE4, (40, 48)),
              stride4_heatmaps(np.stack([person(60, 30), person(200, 50, 1.2)]), (300, 330))]

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_decode import person, stride4_heatmaps  # tests/ is on sys.path (rootdir-relative imports)
 
 from simplepose.decode import (POSE_FLOOR, DecoderConfig, Poses, PoseFloor, assemble, find_candidates,
                                find_candidates_batch, select_poses)
@@ -77,8 +78,6 @@ def test_kept_candidates_are_the_highest_scoring_and_stay_in_raster_order():
 
 
 def test_caps_do_not_change_a_small_scene():
-    from test_decode import person, stride4_heatmaps  # tests/ is on sys.path (rootdir-relative imports)
-
     truth = np.stack([person(60, 40), person(200, 50, 0.8), person(330, 30, 1.1)])
     maps = stride4_heatmaps(truth, (256, 400))
     free, capped = DecoderConfig(max_candidates=0, max_persons=0), DecoderConfig()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from simplepose.coco import STAT_NAMES, evaluate_keypoints
 from simplepose.decode import DecoderConfig, assemble, coco_results, find_candidates
 from simplepose.decode.reference import find_people, select_connections
 from simplepose.infer import Heatmaps, upsample_reference
@@ -80,8 +81,6 @@ def test_oracle_reference_persons_and_keypoints(fixtures_dir, oracle_reference_r
 
 
 def test_oracle_reference_cocoeval(fixtures_dir, coco_mini_annotations, oracle_reference_results):
-    from simplepose.coco import STAT_NAMES, evaluate_keypoints
-
     summary = json.loads((fixtures_dir / "oracle_train_summary.json").read_text())
     stats = evaluate_keypoints(str(coco_mini_annotations), oracle_reference_results)
     np.testing.assert_allclose([stats[name] for name in STAT_NAMES], summary["stats"], atol=0.002)

@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import resource
 import struct
 import subprocess
 import sys
@@ -423,8 +424,6 @@ def memory_corpus(cases: int, seed: int = 0):
 
 
 def _memory_main(cases: int) -> None:
-    import resource
-
     for fmt in FORMATS:  # warm-up: every decoder path once at the largest allowed size
         for data in SEEDS[fmt]:
             decode_image(data, MAX_PIXELS)

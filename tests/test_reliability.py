@@ -14,9 +14,13 @@ import sys
 import time
 
 import pytest
+import s3fs
+import torch
 
 from cluster import MultiNodeCluster
 from run_tables import assert_same_as_clean, tables_of
+from simplepose.checkpoint import save_checkpoint
+from simplepose.model import IMHN
 
 N_IMAGES = 38
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
@@ -44,12 +48,6 @@ def multinode(s3_endpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(s3_endpoint, coco_mini, tmp_path_factory):
     """s3://rel-in/imgs/: 38 coco-mini JPEGs and 2 broken objects; s3://rel-in/tiny.pt: a random tiny IMHN."""
-    import s3fs
-    import torch
-
-    from simplepose.checkpoint import save_checkpoint
-    from simplepose.model import IMHN
-
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.mkdir("rel-in")
     fs.mkdir("rel-out")

@@ -7,6 +7,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import s3fs
 
 from pipelines.overlay import PALETTE, draw_poses
 from pipelines.render import render_run
@@ -14,6 +15,7 @@ from pipelines import storage
 from pipelines.label import tables
 from pipelines.images import decode_image
 from pipelines.synthetic import broken_objects, sample_images
+from simplepose.decode import POSE_FLOOR
 from simplepose.skeleton import COCO_KEYPOINTS
 
 
@@ -95,8 +97,6 @@ def test_render_run_local(tmp_path):
 
 
 def test_render_run_on_object_storage(s3_endpoint):
-    import s3fs
-
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir("render-test")
     write_fake_run("s3://render-test")
     summary = render_run("s3://render-test/run", "s3://render-test/overlays", limit=1)
@@ -126,8 +126,6 @@ def test_render_command(tmp_path):
 
 
 def test_render_run_applies_the_poses_floor_by_default(tmp_path):
-    from simplepose.decode import POSE_FLOOR
-
     samples = write_fake_run(str(tmp_path))
     everyone = sum(len(s.keypoints) for s in samples[:3])
     default = render_run(str(tmp_path / "run"), str(tmp_path / "a"), limit=None)

@@ -2,12 +2,14 @@
 the paper style, person masks and multi-scale pooling."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.bench import targets as bench
 from simplepose.skeleton import (KEYPOINT_CHANNELS, KEYPOINT_START, LIMBS, MAX_KEYPOINT_CHANNEL, NECK,
                                  PERSON_MASK_CHANNEL, coco_to_reference)
 from simplepose.targets import (TargetConfig, cell_centres, person_masks, pool_targets, render_heatmaps,
@@ -272,10 +274,6 @@ def test_every_limb_channel_is_drawn():
 
 
 def test_benchmark_runs_on_coco_mini(coco_mini, capsys):
-    import argparse
-
-    from jobs.bench import targets as bench
-
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--annotations", str(coco_mini / "annotations" / "person_keypoints_train2017.json"),

@@ -18,7 +18,15 @@ import json
 import os
 import time
 
+import cv2
 import numpy as np
+import torch
+
+from jobs.bench.machine import describe_machine
+from jobs.oracle import decoder_config
+from simplepose.checkpoint import load_model
+from simplepose.decode import POSE_FLOOR, assemble, find_candidates_batch, select_poses
+from simplepose.infer import Heatmaps, InferConfig, predict_inputs, prepare_model, preprocess
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "imhn-tiny-stickfigures.pt")
 DEFAULT_IMAGES = "../shared/data/coco-mini/train2017"
@@ -52,11 +60,8 @@ def _summary(counts: list, per_type: list, persons: list, kept: list, tensor_s: 
     }
 
 
-
 def decode_timed(heatmaps: list, config, floor, batch_size: int) -> dict:
     """Tensor stage in batches, assembly image by image (timed), then the floor -> summary figures."""
-    from simplepose.decode import assemble, find_candidates_batch, select_poses
-
     counts, per_type, persons, kept, tensor_s, assembly_s = [], [], [], [], [], []
     [assemble(c, config) for c in find_candidates_batch(heatmaps[:1], config)]  # warm-up, untimed
     for first in range(0, len(heatmaps), batch_size):
@@ -76,11 +81,6 @@ def decode_timed(heatmaps: list, config, floor, batch_size: int) -> dict:
 
 
 def photo_heatmaps(model_path: str, folder: str, limit: int, boxsize: int) -> list:
-    import cv2
-
-    from simplepose.checkpoint import load_model
-    from simplepose.infer import InferConfig, predict_inputs, prepare_model, preprocess
-
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))[:limit]
     if not names:
         raise SystemExit(f"bench decoder: no images in {folder}")
@@ -94,10 +94,6 @@ def photo_heatmaps(model_path: str, folder: str, limit: int, boxsize: int) -> li
 
 
 def noise_heatmaps(size: int, images: int, seed: int = 0) -> list:
-    import torch
-
-    from simplepose.infer import Heatmaps
-
     generator = torch.Generator().manual_seed(seed)
     cells = -(-size // 4)
     return [Heatmaps(torch.rand(18, cells, cells, generator=generator),
@@ -106,12 +102,6 @@ def noise_heatmaps(size: int, images: int, seed: int = 0) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from jobs.bench.machine import describe_machine
-    from jobs.oracle import decoder_config
-    from simplepose.decode import POSE_FLOOR
-
     torch.set_num_threads(1)
     config = decoder_config("default", args.option)
     figures = {"config": {"max_candidates": config.max_candidates, "max_persons": config.max_persons},

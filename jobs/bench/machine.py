@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 import platform
 
+import torch
+
 
 def describe_machine() -> str:
     """One line: CPU model, logical cores, torch version and threads, GPU if any."""
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

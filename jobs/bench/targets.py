@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from jobs.bench.machine import describe_machine
 from pipelines.train.data import tune_malloc
@@ -80,8 +81,6 @@ def _prepare(args: argparse.Namespace):
 def _worker(args: argparse.Namespace, samples, sources, worker: int) -> list[tuple[int, float, float, int]]:
     """Build samples for args.seconds, args.repeats times; returns per repeat (samples built, CPU seconds,
     wall seconds, page faults)."""
-    import torch
-
     if not args.default_malloc:
         tune_malloc()
     cv2.setNumThreads(1)
