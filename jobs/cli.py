@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         command_parser = Parser(prog=prog, description=help_text)
         module.add_arguments(command_parser)
-        args = command_parser.parse_args(rest)
+        try:  # options and positionals in any order: `label IN OUT --model M decoder.x=1 --print-config`
+            args = command_parser.parse_intermixed_args(rest)
+        except TypeError:  # a command with sub-commands (bench) cannot be parsed intermixed
+            args = command_parser.parse_args(rest)
         logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return int(module.main(args) or 0)

@@ -1,20 +1,21 @@
-"""`simplepose label INPUT OUTPUT --model MODEL`: label image objects into Parquet pose tables (docs/tables.md).
+"""`simplepose label INPUT OUTPUT --model MODEL [section.key=value ...]`: label image objects into Parquet pose
+tables (docs/tables.md).
 
-Re-running the same command after a failure finishes the missing work without duplicate rows; the run is
-complete when OUTPUT/_SUCCESS exists. Endpoint and credentials come from the standard settings
-(AWS_ENDPOINT_URL, AWS_PROFILE, ...) or --storage-option; they are never printed.
+Every field of the job's config (`pipelines.label.config.LabelJobConfig`: infer.*, decoder.*, floor.*,
+read/decode/network/assemble.*) is a dotted override or a --config YAML key; the flags below are shortcuts to
+the most used ones (`--print-config` shows them all). Re-running the same command after a failure finishes the
+missing work without duplicate rows; the run is complete when OUTPUT/_SUCCESS exists. Endpoint and credentials
+come from the standard settings (AWS_ENDPOINT_URL, AWS_PROFILE, ...) or --storage-option; they are never printed.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 
-from jobs.options import add_storage_option, storage_options
-from pipelines.label.job import LabelJobConfig, run_label_job
-
-LOG = logging.getLogger(__name__)
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelJobConfig)}
+from jobs.options import (add_config_arguments, add_shortcut, add_storage_option, load_job_config,
+                          shortcut_values, storage_options)
+from pipelines.label.config import DEVICES, PRECISIONS, LabelJobConfig
+from pipelines.label.job import run_label_job
+from pipelines.label.stages import NETWORK_ENGINES
 
 
 def _pair(text: str) -> tuple[int, int | None]:
@@ -27,74 +28,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="prefix, glob or object URI of images, or a manifest "
                                       "(.parquet/.csv with a 'uri' column, .txt/.lst with one URI a line)")
     parser.add_argument("output", help="output folder URI (images/, poses/, _manifest.json, _SUCCESS)")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint URI (ours or the authors') or MLflow registry URI models:/NAME@ALIAS")
-    parser.add_argument("--boxsize", type=int, default=_DEFAULTS["boxsize"],
-                        help="pixels the image height is scaled to at scale 1 (default %(default)s)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(_DEFAULTS["scales"]),
-                        help="test-time scales, averaged (default %(default)s)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=_DEFAULTS["flip"],
-                        help="average with the horizontally flipped image (default on)")
-    parser.add_argument("--mode", choices=("default", "reference"), default=_DEFAULTS["mode"],
-                        help="decoder: ours or the authors' exact one (default %(default)s)")
-    parser.add_argument("--aggregation", choices=("reference", "stride4"), default=None,
-                        help="heatmap aggregation (default: reference for --mode reference, else stride4)")
-    parser.add_argument("--max-pixels", type=int, default=_DEFAULTS["max_pixels"],
-                        help="images with more pixels get status too_large (default %(default)s)")
-    parser.add_argument("--min-person-score", type=float, default=None,
-                        help="output floor: persons scoring below are not written (default: PoseFloor's)")
-    parser.add_argument("--min-keypoints", type=int, default=None,
-                        help="output floor: persons with fewer detected keypoints are not written "
-                             "(default: PoseFloor's)")
-    parser.add_argument("--forward-batch-size", type=int, default=_DEFAULTS["forward_batch_size"],
-                        help="images of one padded shape per network forward (default %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=_DEFAULTS["chunk_size"],
-                        help="objects per committed part file (default %(default)s)")
+    add_config_arguments(parser, "the labeling job's config")
+
+    def shortcut(flag: str, path: str, help: str, **kwargs) -> None:
+        add_shortcut(parser, flag, path, LabelJobConfig, help, **kwargs)
+
+    shortcut("--model", "model", "checkpoint URI (ours or the authors') or MLflow registry URI models:/NAME@ALIAS "
+             "(required, here or in --config)")
+    shortcut("--boxsize", "infer.boxsize", "pixels the image height is scaled to at scale 1", type=int)
+    shortcut("--scales", "infer.scales", "test-time scales, averaged", type=float, nargs="+")
+    shortcut("--flip", "infer.flip", "average with the horizontally flipped image",
+             action=argparse.BooleanOptionalAction)
+    shortcut("--mode", "decoder.mode", "decoder: ours or the authors' exact one; reference also sets "
+             "infer.aggregation=reference unless --aggregation is given", choices=("default", "reference"))
+    shortcut("--aggregation", "infer.aggregation", "heatmap aggregation", choices=("reference", "stride4"))
+    shortcut("--max-pixels", "max_pixels", "images with more pixels get status too_large", type=int)
+    shortcut("--min-person-score", "floor.min_person_score", "output floor: persons scoring below are not "
+             "written", type=float)
+    shortcut("--min-keypoints", "floor.min_keypoints", "output floor: persons with fewer detected keypoints are "
+             "not written", type=int)
+    shortcut("--chunk-size", "chunk_size", "objects per committed part file", type=int)
+    shortcut("--forward-batch-size", "network.forward_batch_size", "images of one padded shape per network "
+             "forward", type=int)
     for stage in ("read", "decode", "network", "assemble"):
-        parser.add_argument(f"--{stage}-batch-size", type=int, default=_DEFAULTS[f"{stage}_batch_size"],
-                            help=f"rows per {stage} batch (default %(default)s)")
-        parser.add_argument(f"--{stage}-cpus", type=float, default=_DEFAULTS[f"{stage}_cpus"],
-                            help=f"logical CPUs per {stage} task/actor (default %(default)s)")
+        shortcut(f"--{stage}-batch-size", f"{stage}.batch_size", f"rows per {stage} batch", type=int)
+        shortcut(f"--{stage}-cpus", f"{stage}.cpus", f"logical CPUs per {stage} task/actor", type=float)
     for stage in ("decode", "network", "assemble"):
-        default = _DEFAULTS[f"{stage}_actors"]
-        parser.add_argument(f"--{stage}-actors", type=_pair, default=default, metavar="MIN[,MAX]",
-                            help=f"{stage} actor pool size; 'MIN,' sizes the maximum from the cluster "
-                                 f"(default {default[0]},{'' if default[1] is None else default[1]})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULTS["device"],
-                        help="network device; auto = a GPU per network actor when the cluster has GPUs "
-                             "(default %(default)s)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_DEFAULTS["precision"],
-                        help="network precision; auto = bf16 or fp16 on GPUs, fp32 on CPU (default %(default)s)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="NHWC activations in the network (default: on CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network once per actor")
-    parser.add_argument("--allow-local-paths", action="store_true",
-                        help="let a manifest on an object store name local paths (read from the workers' disks)")
-    parser.add_argument("--overwrite", action="store_true", help="delete a previous run in OUTPUT and start afresh")
-    parser.add_argument("--progress-interval", type=float, default=_DEFAULTS["progress_interval_s"],
-                        help="seconds between progress lines (default %(default)s)")
-    parser.add_argument("--stall-timeout", type=float, default=_DEFAULTS["stall_timeout_s"],
-                        help="end the job after this many seconds without a new output row, naming the stages "
-                             "that wait for resources; 0 = never; a re-run resumes (default %(default)s)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+        shortcut(f"--{stage}-actors", f"{stage}.actors", f"{stage} actor pool size MIN[,MAX]; 'MIN,' sizes the "
+                 "maximum from the cluster", type=_pair, metavar="MIN[,MAX]")
+    shortcut("--device", "network.device", "network device; auto = a GPU per network actor when the cluster has "
+             "GPUs", choices=DEVICES)
+    shortcut("--precision", "network.precision", "network precision; auto = bf16 or fp16 on GPUs, fp32 on CPU",
+             choices=PRECISIONS)
+    shortcut("--engine", "network.engine", "network engine (null: an instant stand-in for benchmarks)",
+             choices=NETWORK_ENGINES)
+    shortcut("--channels-last", "network.channels_last", "NHWC activations in the network (default: on CUDA "
+             "only)", action=argparse.BooleanOptionalAction)
+    shortcut("--compile", "network.compile", "torch.compile the network once per actor", action="store_true")
+    shortcut("--allow-local-paths", "allow_local_paths", "let a manifest on an object store name local paths "
+             "(read from the workers' disks)", action="store_true")
+    shortcut("--overwrite", "overwrite", "delete a previous run in OUTPUT and start afresh", action="store_true")
+    shortcut("--progress-interval", "progress_interval_s", "seconds between progress lines", type=float)
+    shortcut("--stall-timeout", "stall_timeout_s", "end the job after this many seconds without a new output "
+             "row, naming the stages that wait for resources; 0 = never; a re-run resumes", type=float)
+    shortcut("--address", "address", "Ray cluster address (default: $RAY_ADDRESS, else local)")
     add_storage_option(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
-    options = storage_options(args)
-    stages = ("read", "decode", "network", "assemble")
-    return LabelJobConfig(
-        input=args.input, output=args.output, model=args.model, boxsize=args.boxsize, scales=tuple(args.scales),
-        flip=args.flip, mode=args.mode, aggregation=args.aggregation, max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, min_person_score=args.min_person_score, min_keypoints=args.min_keypoints,
-        forward_batch_size=args.forward_batch_size, channels_last=args.channels_last, compile=args.compile,
-        device=args.device, precision=args.precision, overwrite=args.overwrite,
-        allow_local_paths=args.allow_local_paths,
-        address=args.address, storage_options=options, progress_interval_s=args.progress_interval,
-        stall_timeout_s=args.stall_timeout or None,
-        **{f"{s}_batch_size": getattr(args, f"{s}_batch_size") for s in stages},
-        **{f"{s}_cpus": getattr(args, f"{s}_cpus") for s in stages},
-        **{f"{s}_actors": getattr(args, f"{s}_actors") for s in stages[1:]})
+    values = {"input": args.input, "output": args.output}
+    flags = shortcut_values(args)
+    if flags.get("decoder.mode") == "reference" and "infer.aggregation" not in flags:
+        values["infer.aggregation"] = "reference"  # the reference decoder reads original-resolution maps
+    if flags.get("stall_timeout_s") == 0:
+        values["stall_timeout_s"] = None
+    return load_job_config(LabelJobConfig, args, values, storage_options=storage_options(args))
 
 
 def main(args: argparse.Namespace) -> int:

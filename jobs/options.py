@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.config import defaults_dict, format_config, load_config
 from pipelines.errors import UsageError
 
 
@@ -21,3 +22,55 @@ def storage_options(args: argparse.Namespace) -> dict[str, str]:
             raise UsageError(f"--storage-option {key!r}: expected KEY=VALUE")
         options[key] = value
     return options
+
+
+CONFIG_PREFIX = "config:"
+"""argparse dests of flag shortcuts are CONFIG_PREFIX + the dotted config path they set."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, what: str = "the job's config") -> None:
+    """`--config FILE.yaml`, `--print-config` and trailing `section.key=value` overrides (`pipelines.config`)."""
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                        help=f"dotted overrides of {what}, e.g. decoder.attach_fragments=false; they win over "
+                             "flags and --config (--print-config lists every key)")
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML config file (any URI); flags and dotted overrides win over it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as JSON (a valid --config file) and exit")
+
+
+def add_shortcut(parser: argparse.ArgumentParser, flag: str, path: str, config_class: type, help: str,
+                 **kwargs) -> None:
+    """A flag that sets the config field at dotted `path` (shown with its default); unset flags set nothing,
+    so a --config file's value stands unless the flag is given."""
+    default = lookup(defaults_dict(config_class), path)
+    shown = "" if default is None and "default" not in help else f" (default {_shown(default)})"
+    parser.add_argument(flag, dest=CONFIG_PREFIX + path, default=argparse.SUPPRESS,
+                        help=f"{help}{shown}; = {path}", **kwargs)
+
+
+def shortcut_values(args: argparse.Namespace) -> dict[str, object]:
+    """{dotted path: value} of the shortcut flags given on the command line."""
+    return {name[len(CONFIG_PREFIX):]: value for name, value in vars(args).items()
+            if name.startswith(CONFIG_PREFIX)}
+
+
+def load_job_config(config_class: type, args: argparse.Namespace, values: dict | None = None, **secrets):
+    """`config_class` from --config, the shortcut flags (plus `values`), the dotted overrides and `secrets`
+    (fields set only in code, e.g. storage_options); prints it and exits when --print-config is given."""
+    config = load_config(config_class, args.config, args.overrides,
+                         values={**shortcut_values(args), **(values or {})}, secrets=secrets)
+    if args.print_config:
+        print(format_config(config))
+        raise SystemExit(0)
+    return config
+
+
+def lookup(data: dict, path: str):
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _shown(value) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, list) else str(value)

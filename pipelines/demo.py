@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.images import STATUSES
-from pipelines.label.job import LabelJobConfig, run_label_job
+from pipelines.label.config import label_config
+from pipelines.label.job import run_label_job
 from pipelines.local_copy import copy_run_with_images
 from pipelines.ray_cluster import connect_ray
 from pipelines.render import render_run
@@ -156,8 +157,8 @@ def local_ray() -> Iterator[None]:
 
 def label(model_uri: str, boxsize: int):
     """Run the labeling job on s3://BUCKET/images/ into s3://BUCKET/runs/demo; returns its LabelSummary."""
-    config = LabelJobConfig(input=f"s3://{BUCKET}/images/", output=f"s3://{BUCKET}/runs/demo", model=model_uri,
-                            boxsize=boxsize, device="cpu", progress_interval_s=5.0)
+    config = label_config(f"s3://{BUCKET}/images/", f"s3://{BUCKET}/runs/demo", model_uri, progress_interval_s=5.0,
+                          **{"infer.boxsize": boxsize, "network.device": "cpu"})
     return run_label_job(config)
 
 

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_render import write_fake_run  # tests/ is on sys.path (rootdir-relative imports)
 
 from pipelines import demo
+from pipelines.label.config import label_config
+from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, load_model
 from pipelines.synthetic import broken_objects, draw_scene, png_header, sample_images, write_coco_dataset
-from simplepose.skeleton import COCO_KEYPOINTS
+from simplepose.coco import training_samples
+from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,11 +49,6 @@ def test_sample_keypoints_lie_on_the_drawn_figures():
 
 
 def test_synthetic_coco_dataset_is_deterministic_and_trainable(tmp_path):
-    import json
-
-    from simplepose.coco import training_samples
-    from simplepose.skeleton import COCO_SKELETON
-
     uri = write_coco_dataset(str(tmp_path / "a"), 3, seed=5, heights=(128, 192))
     assert uri == f"{tmp_path / 'a'}/annotations/person_keypoints.json"
     write_coco_dataset(str(tmp_path / "b"), 3, seed=5, heights=(128, 192))
@@ -88,13 +89,9 @@ def test_demo_parts_upload_samples_and_the_shipped_weights():
     with demo.loopback_s3() as endpoint:
         assert os.environ["AWS_ENDPOINT_URL"] == endpoint
         assert demo.upload_samples(2, seed=0) == 2 + len(broken_objects())
-        import boto3
-
         s3 = boto3.client("s3", endpoint_url=endpoint)  # this server, whatever clients other tests cached
         listed = s3.list_objects_v2(Bucket=demo.BUCKET, Prefix="images/")["Contents"]
         assert {o["Key"]: o["Size"] for o in listed}["images/broken/empty.jpg"] == 0
-        from pipelines.label.stages import load_model
-
         uri = demo.upload_shipped_weights()
         size = s3.head_object(Bucket=demo.BUCKET, Key=uri.split("/", 3)[3])["ContentLength"]
         assert size == demo.shipped_weights_path().stat().st_size < 2 << 20
@@ -108,19 +105,16 @@ def test_demo_parts_upload_samples_and_the_shipped_weights():
 
 def label_in_process(samples, model_uri: str, boxsize: int = 256) -> list[np.ndarray]:
     """The labeling job's stages on `samples` without Ray; returns each image's keypoints (P, 17, 3)."""
-    from pipelines.label.job import LabelJobConfig
-    from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage
-
-    config = LabelJobConfig(input="x", output="y", model=model_uri, boxsize=boxsize)
+    config = label_config(input="x", output="y", model=model_uri, **{"infer.boxsize": boxsize})
     n = len(samples)
     names = np.array([s.name for s in samples], dtype=object)
     batch = {"input_index": np.arange(n), "image_id": names, "uri": names, "status": np.full(n, "ok", dtype=object),
              "error": np.full(n, "", dtype=object), "size_bytes": np.array([len(s.data) for s in samples]),
              "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
              "data": np.array([s.data for s in samples], dtype=object)}
-    batch = DecodeStage(config.infer_config(), config.max_pixels)(batch)
-    batch = NetworkStage(model_uri, config.infer_config(), config.decoder_config())(batch)
-    batch = AssembleStage(config.decoder_config())(batch)
+    batch = DecodeStage(config.infer, config.max_pixels)(batch)
+    batch = NetworkStage(model_uri, config.infer, config.decoder)(batch)
+    batch = AssembleStage(config.decoder)(batch)
     assert batch["status"].tolist() == ["ok"] * n, batch["error"]
     return [np.frombuffer(b, np.float32).reshape(-1, len(COCO_KEYPOINTS), 3) for b in batch["pose_keypoints"]]
 
@@ -146,8 +140,6 @@ def test_shipped_weights_find_held_out_stick_figures():
 
 
 def test_show_tables_prints_statuses_failures_and_best_poses(tmp_path, capsys):
-    from test_render import write_fake_run
-
     write_fake_run(str(tmp_path))
     demo.show_tables(str(tmp_path / "run"))
     out = capsys.readouterr().out

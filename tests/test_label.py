@@ -14,7 +14,9 @@ import pytest
 
 from pipelines import storage
 from pipelines.label import run_folder, tables
-from pipelines.label.job import ChunkWriter, LabelJobConfig, chunk_tables, describe_model
+from pipelines.config import format_config
+from pipelines.label.config import label_config
+from pipelines.label.job import ChunkWriter, chunk_tables, describe_model
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 
@@ -168,13 +170,17 @@ def test_chunk_writer_commits_complete_chunks_once(tmp_path):
 
 
 def test_label_job_config_validates():
-    with pytest.raises(ValueError, match="decode_actors"):
-        LabelJobConfig(input="a", output="b", model="c", decode_actors=(2, 1))
-    with pytest.raises(ValueError):
-        LabelJobConfig(input="a", output="b", model="c", mode="nonsense")
-    config = LabelJobConfig(input="a", output="b", model="c", mode="reference", storage_options={"secret": "x"})
-    assert config.infer_config().aggregation == "reference" and "secret" not in json.dumps(config.settings())
-    assert LabelJobConfig(input="a", output="b", model="c").infer_config().aggregation == "stride4"
+    with pytest.raises(ValueError, match=r"decode: DecodeStageConfig.actors: needs 1 <= min <= max"):
+        label_config(input="a", output="b", model="c", **{"decode.actors": (2, 1)})
+    with pytest.raises(ValueError, match="DecoderConfig.mode"):
+        label_config(input="a", output="b", model="c", **{"decoder.mode": "nonsense"})
+    with pytest.raises(ValueError, match="reference needs infer.aggregation=reference"):
+        label_config(input="a", output="b", model="c", **{"decoder.mode": "reference"})
+    config = label_config(input="a", output="b", model="c", storage_options={"secret": "x"},
+                          **{"decoder.mode": "reference", "infer.aggregation": "reference"})
+    assert config.decoder.is_reference and config.storage_options == {"secret": "x"}
+    assert "secret" not in json.dumps(config.settings()) and "secret" not in format_config(config)
+    assert label_config(input="a", output="b", model="c").infer.aggregation == "stride4"
 
 
 def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
@@ -186,20 +192,20 @@ def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     uris = [str(image), str(tmp_path / "truncated.jpg"), str(tmp_path / "text.jpg"), str(tmp_path / "empty.jpg"),
             str(tmp_path / "missing.jpg")]
-    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=128)
+    config = label_config(input="x", output="y", model=tiny_checkpoint, **{"infer.boxsize": 128})
     batch = {"input_index": np.arange(5), "image_id": np.array(uris, dtype=object), "uri": np.array(uris, dtype=object)}
     batch = read_objects_batch(batch, retries=0)
     assert batch["status"].tolist() == ["ok", "ok", "ok", "empty", "read_error"]
-    batch = DecodeStage(config.infer_config(), config.max_pixels)(batch)
+    batch = DecodeStage(config.infer, config.max_pixels)(batch)
     assert batch["status"].tolist() == ["ok", "decode_error", "decode_error", "empty", "read_error"]
     assert batch["width"][0] > 0 and batch["pixels_0"][0].shape[2] == 3 and batch["pixels_0"][1].size == 0
     assert "data" not in batch  # the bytes are dropped after decoding
-    tiny_limit = DecodeStage(config.infer_config(), max_pixels=100)(read_objects_batch(
+    tiny_limit = DecodeStage(config.infer, max_pixels=100)(read_objects_batch(
         {name: batch[name][:1] for name in ("input_index", "image_id", "uri")}, retries=0))
     assert tiny_limit["status"].tolist() == ["too_large"] and tiny_limit["pixels_0"][0].size == 0
-    batch = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
+    batch = NetworkStage(tiny_checkpoint, config.infer, config.decoder)(batch)
     assert batch["status"][0] == "ok" and batch["candidates"][0] and batch["forward_batch"][0] == 1
-    batch = AssembleStage(config.decoder_config(), config.pose_floor())(batch)
+    batch = AssembleStage(config.decoder, config.floor)(batch)
     keypoints = np.frombuffer(batch["pose_keypoints"][0], np.float32).reshape(-1, 17, 3)
     assert keypoints.shape[0] == batch["num_persons"][0] and batch["num_persons"][1:].tolist() == [0] * 4
     assert describe_model(tiny_checkpoint)[1:] == ("tiny-random", describe_model(tiny_checkpoint)[2])
@@ -209,7 +215,7 @@ def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
     from pipelines.label.stages import NetworkStage, pack_inputs
     from simplepose.infer import ScaleInput
 
-    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
+    config = label_config(input="x", output="y", model=tiny_checkpoint, **{"infer.boxsize": 64})
     good = [ScaleInput(np.full((64, 64, 3), 100, np.uint8), 1.0, (64, 64), (64, 64))]
     bad = [ScaleInput(np.zeros((60, 64, 3), np.uint8), 1.0, (60, 64), (60, 64))]  # not a multiple of 64
     batch = {"input_index": np.arange(2), "image_id": np.array(["g", "b"], dtype=object),
@@ -217,7 +223,7 @@ def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
              "error": np.array(["", ""], dtype=object), "size_bytes": np.zeros(2, np.int64),
              "width": np.full(2, 64), "height": np.full(2, 64),
              **pack_inputs([good, bad], scales=1)}
-    out = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config())(batch)
+    out = NetworkStage(tiny_checkpoint, config.infer, config.decoder)(batch)
     assert out["status"].tolist() == ["ok", "inference_error"] and "multiples of 64" in out["error"][1]
 
 
@@ -248,32 +254,32 @@ def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monk
 def test_cuda_on_a_cluster_without_gpus_fails_at_once():
     from pipelines.label.graph import resolve_device
 
-    config = LabelJobConfig(input="a", output="b", model="c", device="cuda")
+    config = label_config(input="a", output="b", model="c", **{"network.device": "cuda"})
     with pytest.raises(ValueError, match="no GPUs"):
         resolve_device(config, {"CPU": 8.0})
-    assert resolve_device(LabelJobConfig(input="a", output="b", model="c"), {"CPU": 8.0}) == "cpu"
-    assert resolve_device(LabelJobConfig(input="a", output="b", model="c"), {"CPU": 8.0, "GPU": 2.0}) == "cuda"
+    assert resolve_device(label_config(input="a", output="b", model="c"), {"CPU": 8.0}) == "cpu"
+    assert resolve_device(label_config(input="a", output="b", model="c"), {"CPU": 8.0, "GPU": 2.0}) == "cuda"
 
 
 def test_pools_are_sized_from_the_cluster():
     from pipelines.label.graph import pool_sizes
 
-    config = LabelJobConfig(input="a", output="b", model="c")
+    config = label_config(input="a", output="b", model="c")
     gpu = pool_sizes(config, {"CPU": 32.0, "GPU": 4.0}, "cuda")
     assert gpu["network"] == (1, 4)  # one actor per GPU
     # 32 CPUs - 4 network actors - 0.25 read = 27.75 free: 15 % to assembly, the rest to decoding
     assert gpu["assemble"] == (1, int(27.75 * 0.15 / 0.25)) and gpu["decode"] == (1, int((27.75 - 0.25) / 0.5))
     small = pool_sizes(config, {"CPU": 2.0}, "cpu")
     assert small == {"decode": (1, 1), "network": (1, 1), "assemble": (1, 1)}
-    fixed = LabelJobConfig(input="a", output="b", model="c", decode_actors=(2, 3))
+    fixed = label_config(input="a", output="b", model="c", **{"decode.actors": (2, 3)})
     assert pool_sizes(fixed, {"CPU": 64.0}, "cpu")["decode"] == (2, 3)
 
 
 def test_network_batch_is_sized_by_bytes():
-    assert LabelJobConfig(input="a", output="b", model="c", boxsize=512).network_rows() == 1024
-    five = LabelJobConfig(input="a", output="b", model="c", boxsize=512, scales=(0.5, 1, 1.5, 2, 3))
+    assert label_config(input="a", output="b", model="c", **{"infer.boxsize": 512}).network_rows() == 1024
+    five = label_config(input="a", output="b", model="c", **{"infer.boxsize": 512, "infer.scales": (0.5, 1, 1.5, 2, 3)})
     assert 16 <= five.network_rows() < 100  # ~17 MB of inputs per image
-    assert LabelJobConfig(input="a", output="b", model="c", network_batch_size=7).network_rows() == 7
+    assert label_config(input="a", output="b", model="c", **{"network.batch_size": 7}).network_rows() == 7
 
 
 def test_network_stage_groups_by_shape_into_full_forwards(tiny_checkpoint):
@@ -293,16 +299,16 @@ def test_network_stage_groups_by_shape_into_full_forwards(tiny_checkpoint):
              "error": np.full(n, "", dtype=object), "size_bytes": np.zeros(n, np.int64),
              "width": np.array([s[1] for s in shapes]), "height": np.array([s[0] for s in shapes]),
              **pack_inputs(inputs, scales=1)}
-    config = LabelJobConfig(input="x", output="y", model=tiny_checkpoint, boxsize=64)
-    stage = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config(), forward_batch_size=4)
+    config = label_config(input="x", output="y", model=tiny_checkpoint, **{"infer.boxsize": 64})
+    stage = NetworkStage(tiny_checkpoint, config.infer, config.decoder, forward_batch_size=4)
     out = stage(batch)
     assert out["forward_batch"].tolist() == [4, 4, 4, 4, 1, 3, 3, 3]
     assert (stage.forwards, stage.images_forwarded) == (3, 8)
-    alone = NetworkStage(tiny_checkpoint, config.infer_config(), config.decoder_config(), forward_batch_size=1)
+    alone = NetworkStage(tiny_checkpoint, config.infer, config.decoder, forward_batch_size=1)
     single = alone({name: column[[6]] for name, column in batch.items()})
     together, apart = pickle.loads(out["candidates"][6]), pickle.loads(single["candidates"][0])
     np.testing.assert_allclose(together.xy, apart.xy, atol=1e-4)
-    null = NetworkStage("unused", config.infer_config(), config.decoder_config(), forward_batch_size=4, engine="null")
+    null = NetworkStage("unused", config.infer, config.decoder, forward_batch_size=4, engine="null")
     out = null(batch)
     assert out["forward_batch"].tolist() == [4, 4, 4, 4, 1, 3, 3, 3]
     assert len(pickle.loads(out["candidates"][0]).types) > 20  # realistic candidates, not an empty stand-in

@@ -14,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.label import tables
-from pipelines.label.job import LabelJobConfig, run_label_job
+from pipelines.label.config import label_config
+from pipelines.label.job import run_label_job
 
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error", "random.jpg": "decode_error",
           "notes.txt": "decode_error"}
 # Small pools and fractional CPUs: the whole graph fits the fixture's 2 CPUs (whole-CPU actors can hang Ray).
-SMALL = dict(boxsize=128, decode_actors=(1, 1), network_actors=(1, 1), assemble_actors=(1, 1), network_cpus=0.5,
-             read_batch_size=4, decode_batch_size=2, network_batch_size=2, assemble_batch_size=4,
-             progress_interval_s=1.0)
+SMALL = {"infer.boxsize": 128, "decode.actors": (1, 1), "network.actors": (1, 1), "assemble.actors": (1, 1),
+         "network.cpus": 0.5, "read.batch_size": 4, "decode.batch_size": 2, "network.batch_size": 2,
+         "assemble.batch_size": 4, "progress_interval_s": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def _check_images_exactly_once(root: str, expected_uris: set[str]):
 
 def test_label_job_on_s3_with_broken_objects(s3_data, ray_cluster, tmp_path):
     fs, names = s3_data
-    config = LabelJobConfig(input="s3://label-in/imgs/", output="s3://label-out/run1", model="s3://label-in/tiny.pt",
+    config = label_config(input="s3://label-in/imgs/", output="s3://label-out/run1", model="s3://label-in/tiny.pt",
                             chunk_size=5, **SMALL)
     summary = run_label_job(config)
     expected = {f"s3://label-in/imgs/{n}" for n in [*names, *BROKEN]}
@@ -98,7 +99,7 @@ def test_label_job_manifest_with_missing_object(s3_data, ray_cluster, tmp_path):
     lines.append("gone,s3://label-in/imgs/does-not-exist.jpg")
     fs.pipe("label-in/manifest.csv", ("\n".join(lines) + "\n").encode())
     out = tmp_path / "out"
-    summary = run_label_job(LabelJobConfig(input="s3://label-in/manifest.csv", output=str(out),
+    summary = run_label_job(label_config(input="s3://label-in/manifest.csv", output=str(out),
                                            model="s3://label-in/tiny.pt", chunk_size=10, **SMALL))
     assert summary.counts == {"ok": 3, "read_error": 1}
     images = pq.read_table(out / "images").to_pandas().set_index("image_id")
@@ -131,8 +132,8 @@ def test_label_job_killed_and_rerun_finishes_without_duplicates(s3_data, ray_clu
     fs.invalidate_cache()
     parts = [p for p in fs.ls("label-out/killed/images") if p.endswith(".parquet")]
     committed_rows = sum(pq.read_metadata(fs.open(p)).num_rows for p in parts)
-    summary = run_label_job(LabelJobConfig(input="s3://label-in/imgs/", output=output, model="s3://label-in/tiny.pt",
-                                           chunk_size=2, **{**SMALL, "boxsize": 256}))
+    summary = run_label_job(label_config(input="s3://label-in/imgs/", output=output, model="s3://label-in/tiny.pt",
+                                           chunk_size=2, **{**SMALL, "infer.boxsize": 256}))
     total = N_IMAGES + len(BROKEN)
     # Blocks carry several chunks, so the killed job may have committed every chunk but not _SUCCESS: the
     # re-run then redoes nothing. Either way it processes exactly the objects of the uncommitted chunks.

@@ -16,18 +16,25 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import s3fs
+import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from faultproxy import FAULTS, FaultProxy, Rule
 from run_tables import assert_same_as_clean, tables_of
 from pipelines import storage
-from pipelines.label.job import LabelJobConfig, run_label_job
+from pipelines.label.config import LabelJobConfig, label_config
+from pipelines.label.job import run_label_job
+from simplepose.checkpoint import save_checkpoint
+from simplepose.model import IMHN
 
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
 TOTAL = N_IMAGES + len(BROKEN)
-SMALL = dict(boxsize=128, decode_actors=(1, 1), network_actors=(1, 1), assemble_actors=(1, 1), network_cpus=0.5,
-             read_batch_size=4, decode_batch_size=2, network_batch_size=2, assemble_batch_size=4,
-             progress_interval_s=1.0, min_person_score=0.0, min_keypoints=0, chunk_size=4)
+SMALL = {"infer.boxsize": 128, "decode.actors": (1, 1), "network.actors": (1, 1), "assemble.actors": (1, 1),
+         "network.cpus": 0.5, "read.batch_size": 4, "decode.batch_size": 2, "network.batch_size": 2,
+         "assemble.batch_size": 4, "progress_interval_s": 1.0, "floor.min_person_score": 0.0,
+         "floor.min_keypoints": 0, "chunk_size": 4}
 READ_TIMEOUT_S = 2.0
 STALL_S = 4.0  # longer than the read timeout: a stalled request times out and is retried
 
@@ -36,12 +43,6 @@ STALL_S = 4.0  # longer than the read timeout: a stalled request times out and i
 def store(s3_endpoint, coco_mini, tmp_path_factory):
     """s3://flt-in/imgs/: 20 coco-mini JPEGs and 2 broken objects; s3://flt-in/cursed/: 3 JPEGs and
     cursed.jpg; a local tiny random IMHN; the proxy in front of moto (no faults until a test sets rules)."""
-    import s3fs
-    import torch
-
-    from simplepose.checkpoint import save_checkpoint
-    from simplepose.model import IMHN
-
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.mkdir("flt-in")
     fs.mkdir("flt-out")
@@ -73,8 +74,8 @@ def options(proxy: FaultProxy) -> dict:
 
 def config(store, output: str, input_prefix: str = "s3://flt-in/imgs/", **changes) -> LabelJobConfig:
     _, model, proxy = store
-    return LabelJobConfig(input=input_prefix, output=f"s3://flt-out/{output}", model=model,
-                          storage_options=options(proxy), **{**SMALL, **changes})
+    return label_config(input=input_prefix, output=f"s3://flt-out/{output}", model=model,
+                        storage_options=options(proxy), **{**SMALL, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     fs, _, proxy = store
     proxy.rules = [Rule("503", kinds=("get",), path=r"/cursed\.jpg$")]
     try:
-        summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", read_retries=1))
+        summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", **{"read.retries": 1}))
         tries = proxy.injected[("503", "get")]
     finally:
         proxy.healthy()
@@ -154,8 +155,6 @@ def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_
 def test_local_prefix_listing_is_streamed_in_the_order_of_sorted_find(tmp_path):
     """`iter_input_uris` walks local prefixes itself (no stat per file, not all in memory): same order and
     ids as `sorted(fs.find(root))` with the `_`/`.` rule."""
-    from fsspec.implementations.local import LocalFileSystem
-
     names = ["a.txt", "a/b.jpg", "a/c/d.jpg", "a-b/x.jpg", "a0", "_skip/x.jpg", "k/_x.jpg", "k/.hidden",
              ".h/y.jpg", "k/m/n.png", "B.jpg", "z/ü.jpg", "ab/c"]
     for name in names:
@@ -262,8 +261,6 @@ def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
 def test_s3_prefix_listing_is_streamed_in_the_order_of_sorted_find(s3_endpoint):
     """`iter_input_uris` lists S3 prefixes page by page: same objects, order and ids as `sorted(fs.find)`
     (with folder placeholders, as find has them; `_`/`.` names left out), also across pages."""
-    import s3fs
-
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.mkdir("flt-list")
     names = ["a.txt", "a/b.jpg", "a/c/d.jpg", "a-b/x.jpg", "a0", "_skip/x.jpg", "k/_x.jpg", "k/.hidden",

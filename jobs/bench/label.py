@@ -31,8 +31,11 @@ from pathlib import Path
 BAR = 0.8
 STAGES = ("read", "decode", "network", "assemble", "write")
 
+from jobs.options import add_config_arguments, load_job_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "the benchmarked labeling config (pipelines.label.config.LabelJobConfig)")
     parser.add_argument("--input", default=None,
                         help="images (prefix/glob/manifest, any URI); default: shared coco-mini train2017")
     parser.add_argument("--images", type=int, default=4096, help="objects to label (the input is cycled)")
@@ -211,19 +214,19 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     batch = {name: np.asarray([s[name] for s in slices], dtype=object) for name in ("chunk_uri", "start", "stop")}
     timings = {}
     started = time.process_time()
-    rows = read_slices_batch(batch, dict(config.storage_options), config.read_retries)
+    rows = read_slices_batch(batch, dict(config.storage_options), config.read.retries)
     timings["read"] = time.process_time() - started
-    decode = DecodeStage(config.infer_config(), config.max_pixels)
+    decode = DecodeStage(config.infer, config.max_pixels)
     started = time.process_time()
     rows = decode(rows)
     timings["decode"] = time.process_time() - started
-    network = NetworkStage(model_uri, config.infer_config(), config.decoder_config(), device="cpu",
-                           precision="fp32", forward_batch_size=config.forward_batch_size, engine=config.engine,
-                           threads=max(1, int(config.network_cpus)))
+    network = NetworkStage(model_uri, config.infer, config.decoder, device="cpu",
+                           precision="fp32", forward_batch_size=config.network.forward_batch_size,
+                           engine=config.network.engine, threads=max(1, int(config.network.cpus)))
     started = time.process_time()
     rows = network(rows)
     timings["network"] = time.process_time() - started
-    assemble = AssembleStage(config.decoder_config(), config.pose_floor())
+    assemble = AssembleStage(config.decoder, config.floor)
     started = time.process_time()
     rows = assemble(rows)
     timings["assemble"] = time.process_time() - started
@@ -275,8 +278,9 @@ def main(args: argparse.Namespace) -> int:
     from jobs.bench.machine import describe_machine
     from pipelines import storage
     from pipelines.label import run_folder
-    from pipelines.label.job import ChunkWriter, LabelJobConfig, describe_model
-    from pipelines.label.graph import build_dataset, data_context, source, stages
+    from pipelines.label.config import LabelJobConfig
+    from pipelines.label.graph import build_dataset, data_context, pool_sizes, source, stages
+    from pipelines.label.job import ChunkWriter, describe_model
     from pipelines.ray_cluster import connect_ray
 
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
@@ -286,18 +290,20 @@ def main(args: argparse.Namespace) -> int:
         args.images = len(uris)
     small_count = max(1, min(args.small_images, args.images // 4))
     network_cpus = args.network_cpus if args.network_cpus is not None else 0.25 if args.null_network else 1.0
-    config = LabelJobConfig(
-        input="unused", output=str(folder), model=_model(args, folder), boxsize=args.boxsize,
-        scales=tuple(args.scales), flip=args.flip, mode=args.mode, device=args.device, precision=args.precision,
-        chunk_size=args.chunk_size, network_cpus=network_cpus, network_batch_size=args.network_batch_size,
-        forward_batch_size=args.forward_batch_size, engine="null" if args.null_network else "torch",
-        decode_actors=(1, args.decode_actors), network_actors=(1, args.network_actors),
-        assemble_actors=(1, args.assemble_actors), progress_interval_s=1e9)
+    values = {"input": "unused", "output": str(folder), "model": _model(args, folder), "chunk_size": args.chunk_size,
+              "progress_interval_s": 1e9, "infer.boxsize": args.boxsize, "infer.scales": tuple(args.scales),
+              "infer.flip": args.flip, "decoder.mode": args.mode, "network.device": args.device,
+              "network.precision": args.precision, "network.cpus": network_cpus,
+              "network.batch_size": args.network_batch_size, "network.forward_batch_size": args.forward_batch_size,
+              "network.engine": "null" if args.null_network else "torch", "decode.actors": (1, args.decode_actors),
+              "network.actors": (1, args.network_actors), "assemble.actors": (1, args.assemble_actors)}
+    if args.mode == "reference":
+        values["infer.aggregation"] = "reference"  # as `simplepose label --mode reference`
+    config = load_job_config(LabelJobConfig, args, values)  # --config and dotted overrides win over the flags
     if args.fixed_pools:  # every pool starts at its maximum: Ray Data's actor autoscaler has nothing to do
-        from pipelines.label.graph import pool_sizes
-
         sizes = pool_sizes(config, {"CPU": float(os.cpu_count())}, "cpu")
-        config = dataclasses.replace(config, **{f"{name}_actors": (high, high) for name, (_, high) in sizes.items()})
+        config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), actors=(high, high))
+                                                for name, (_, high) in sizes.items()})
     machine = describe_machine()
     print(f"machine: {machine}")
     print(f"data: {args.images} objects from {args.input or 'coco-mini train2017'} (and a {small_count}-object "
@@ -369,8 +375,8 @@ def main(args: argparse.Namespace) -> int:
         "driver_cpu_ms_per_s": end_to_end["driver_cpu_ms_per_s"],
         "cpu_ms_per_image": end_to_end["cpu_ms_per_image"] - forward_cpu_ms,
         "cpu_ms_per_image_by_process": end_to_end["cpu_ms_per_image_by_process"],
-        "forward_batch_fill": _forward_fill(forward_batch, statuses, config.forward_batch_size),
-        "forward_batch_size": config.forward_batch_size, "network_batch_size": config.network_rows(),
+        "forward_batch_fill": _forward_fill(forward_batch, statuses, config.network.forward_batch_size),
+        "forward_batch_size": config.network.forward_batch_size, "network_batch_size": config.network_rows(),
         "stages": results, "slowest_stage": slowest,
         "end_to_end_over_slowest": end_to_end["images_per_s"] / results[slowest]["images_per_s"],
         "machine": machine, "cpus": resources.get("CPU"),
@@ -384,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
           f"({result['end_to_end_with_startup_images_per_s']:.1f} with start-up); driver CPU "
           f"{result['driver_cpu_ms_per_image']:.3f} ms/image; all processes {result['cpu_ms_per_image']:.2f} "
           f"ms/image ({by_process}); forward batch fill {result['forward_batch_fill']:.3f} at "
-          f"{config.forward_batch_size}")
+          f"{config.network.forward_batch_size}")
     ratio = result["end_to_end_over_slowest"]
     print(f"end-to-end / slowest stage alone ({slowest}) = {ratio:.2f} (bar {BAR:.2f}: "
           f"{'PASS' if ratio >= BAR else 'FAIL'})")

@@ -44,12 +44,12 @@ def data_context() -> Iterator[None]:
 def resolve_device(config, resources: Mapping[str, float]) -> str:
     """The network actors' device for this cluster; "cuda" on a cluster without GPUs fails at once."""
     gpus = resources.get("GPU", 0)
-    if config.device == "cuda" and gpus < 1:
+    if config.network.device == "cuda" and gpus < 1:
         raise ValueError(f"device cuda: the Ray cluster has no GPUs (resources: CPU {resources.get('CPU', 0):g}, "
                          f"GPU 0); use --device cpu or auto, or join a cluster with GPU nodes (--address)")
-    if config.device == "auto":
+    if config.network.device == "auto":
         return "cuda" if gpus >= 1 else "cpu"
-    return config.device
+    return config.network.device
 
 
 def source(config, chunk_uris: list[str], chunk_rows: list[int]):
@@ -57,7 +57,7 @@ def source(config, chunk_uris: list[str], chunk_rows: list[int]):
     task lists and fetches one slice, so reads run in parallel even within one chunk."""
     import ray.data
 
-    size = config.read_batch_size
+    size = config.read.batch_size
     items = [{"chunk_uri": uri, "start": start, "stop": min(start + size, rows)}
              for uri, rows in zip(chunk_uris, chunk_rows) for start in range(0, rows, size)]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -68,23 +68,23 @@ def pool_sizes(config, resources: Mapping[str, float], device: str) -> dict[str,
     from the cluster: network one actor per GPU (or 1 on CPU); the CPUs left after the network actors and
     one read task go 15 % to assembly (it is light once decoding is bounded) and the rest to decoding."""
     cpus = float(resources.get("CPU", 1))
-    low, high = config.network_actors
+    low, high = config.network.actors
     if device == "cuda":  # one GPU each: never more actors than GPUs
         gpus = max(1, int(resources.get("GPU", 1)))
         network = (min(low, gpus), min(high or gpus, gpus))
     else:
         network = (low, high or 1)
-    network_cpus = 1.0 if device == "cuda" else config.network_cpus
-    free = max(0.0, cpus - network[1] * network_cpus - config.read_cpus)
+    network_cpus = 1.0 if device == "cuda" else config.network.cpus
+    free = max(0.0, cpus - network[1] * network_cpus - config.read.cpus)
 
     def sized(sizes, share: float, each: float) -> tuple[int, int]:
         low, high = sizes
         return low, max(low, high if high is not None else int(free * share / each + 1e-9))
 
-    assemble = sized(config.assemble_actors, 0.15, config.assemble_cpus)
-    decode = sized(config.decode_actors, 1.0, config.decode_cpus)
-    if config.decode_actors[1] is None:  # the decode pool gets what assembly's minimum leaves
-        decode = (decode[0], max(decode[0], int((free - assemble[0] * config.assemble_cpus) / config.decode_cpus
+    assemble = sized(config.assemble.actors, 0.15, config.assemble.cpus)
+    decode = sized(config.decode.actors, 1.0, config.decode.cpus)
+    if config.decode.actors[1] is None:  # the decode pool gets what assembly's minimum leaves
+        decode = (decode[0], max(decode[0], int((free - assemble[0] * config.assemble.cpus) / config.decode.cpus
                                                 + 1e-9)))
     return {"decode": decode, "network": network, "assemble": assemble}
 
@@ -95,31 +95,31 @@ def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple
 
     device = resolve_device(config, resources)
     pools = pool_sizes(config, resources, device)
-    network_resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": config.network_cpus}
-    LOG.info("actor pools %s; network on %s (%s, engine %s)", pools, device, config.precision, config.engine)
+    network_resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": config.network.cpus}
+    LOG.info("actor pools %s; network on %s (%s, engine %s)", pools, device, config.network.precision, config.network.engine)
     options = dict(config.storage_options)
-    infer, decoder = config.infer_config(), config.decoder_config()
-    channels_last = device == "cuda" if config.channels_last is None else config.channels_last
+    infer, decoder = config.infer, config.decoder
+    channels_last = device == "cuda" if config.network.channels_last is None else config.network.channels_last
 
     def pool(name: str) -> ActorPoolStrategy:
         return ActorPoolStrategy(min_size=pools[name][0], max_size=pools[name][1])
 
-    read = dict(fn=read_slices_batch, batch_size=1, num_cpus=config.read_cpus,
-                fn_kwargs={"storage_options": options, "retries": config.read_retries})
-    decode = dict(fn=DecodeStage, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus,
+    read = dict(fn=read_slices_batch, batch_size=1, num_cpus=config.read.cpus,
+                fn_kwargs={"storage_options": options, "retries": config.read.retries})
+    decode = dict(fn=DecodeStage, batch_size=config.decode.batch_size, num_cpus=config.decode.cpus,
                   compute=pool("decode"),
                   fn_constructor_kwargs={"infer_config": infer, "max_pixels": config.max_pixels})
     network = dict(fn=NetworkStage, batch_size=config.network_rows(), compute=pool("network"),
                    **network_resources,
                    fn_constructor_kwargs={"model_uri": model_uri, "infer_config": infer, "decoder_config": decoder,
-                                          "device": device, "precision": config.precision,
-                                          "forward_batch_size": config.forward_batch_size,
-                                          "threads": max(1, int(config.network_cpus)), "storage_options": options,
-                                          "engine": config.engine, "compile": config.compile,
+                                          "device": device, "precision": config.network.precision,
+                                          "forward_batch_size": config.network.forward_batch_size,
+                                          "threads": max(1, int(config.network.cpus)), "storage_options": options,
+                                          "engine": config.network.engine, "compile": config.network.compile,
                                           "channels_last": channels_last})
-    assemble = dict(fn=AssembleStage, batch_size=config.assemble_batch_size, num_cpus=config.assemble_cpus,
+    assemble = dict(fn=AssembleStage, batch_size=config.assemble.batch_size, num_cpus=config.assemble.cpus,
                     compute=pool("assemble"),
-                    fn_constructor_kwargs={"decoder_config": decoder, "floor": config.pose_floor()})
+                    fn_constructor_kwargs={"decoder_config": decoder, "floor": config.floor})
     return [(name, functools.partial(_map_batches, **kwargs))
             for name, kwargs in (("read", read), ("decode", decode), ("network", network), ("assemble", assemble))]
 

@@ -1,164 +1,30 @@
 """The labeling job: image objects in storage -> Ray Data (read, decode, network, assembly) -> Parquet tables.
 
-`run_label_job(LabelJobConfig(...))` is the whole job; `jobs/label.py` is its command line and
+`run_label_job(config)` (a `pipelines.label.config.LabelJobConfig`) is the whole job; `jobs/label.py` is its command line and
 `docs/tables.md` documents its output. The stages are in `pipelines.label.stages`, the output folder
 protocol (resume, exactly-once commits, success marker) in `pipelines.label.run_folder`.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import errors, preflight, storage
 from pipelines.label import run_folder, tables
+from pipelines.label.config import LabelJobConfig
 from pipelines.label.graph import build_dataset, data_context, resolve_device
 from pipelines.ray_cluster import connect_ray
-from pipelines.label.stages import IMAGE_COLUMNS, NETWORK_ENGINES
+from pipelines.label.stages import IMAGE_COLUMNS
 from pipelines.label.watch import LabelJobStalled, Watchdog, stage_resources, waiting_stages  # noqa: F401
 
 LOG = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class LabelJobConfig:
-    """One labeling run. Test-time defaults are the authors' HEAD setting (docs/method.md §8.5: boxsize 640, one scale,
-    flip); `mode` is the decoder's (`simplepose.decode.DecoderConfig.mode`). Sizes are pixels.
-
-    input: prefix, glob, single object or manifest (.parquet/.csv/.txt/.lst of URIs) of any fsspec URI.
-    output: folder URI of the run (see `pipelines.label.run_folder`). model: checkpoint URI or models:/NAME@ALIAS.
-    aggregation: heatmap aggregation (`InferConfig.aggregation`); None = "reference" for mode "reference"
-      (its decoder needs original-resolution maps), else "stride4" (maps stay on the device, no upsampling).
-    min_person_score, min_keypoints: the output floor of the poses table (`simplepose.decode.PoseFloor`;
-      None = its defaults): persons scoring below, or with fewer detected keypoints, are not written.
-    chunk_size: objects per committed chunk (one images and one poses part file per chunk; a kill loses at
-      most the chunks in flight). *_batch_size: rows per Ray batch of each stage; each batch is one block,
-      and the driver's cost is per block, so batches are large. The network stage groups its Ray batch by
-      padded shape into forwards of up to forward_batch_size images of one shape; the larger its Ray batch,
-      the fuller the forwards (COCO photos at boxsize 512 have ~10 padded shapes: 256 rows fill forwards of
-      16 to 0.76, 1024 rows to 0.93, measured by `bench label`). network_batch_size None = about 1 GiB of
-      network inputs, at most 1024 rows (`network_rows`). *_actors: (min, max) actor pool sizes, max None =
-      sized from the cluster (`pipelines.label.graph.pool_sizes`). *_cpus: logical CPUs reserved per task / actor
-      (fractional on small machines, where whole CPUs can hang Ray).
-    device: "auto" = one GPU per network actor when the cluster has GPUs, else CPU; "cuda" on a cluster
-      without GPUs fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's
-      GPU), fp16 on others, fp32 on CPU. engine: "torch" (the IMHN) or "null" (an instant stand-in for
-      benchmarks). channels_last: NHWC activations (None = on CUDA only). compile: `torch.compile` the model.
-    allow_local_paths: a manifest on an object store may name local paths (read from the workers' disks).
-    address: Ray cluster to join (None: $RAY_ADDRESS, else a local Ray). storage_options: fsspec options
-      (endpoint_url, key, secret, profile...), never logged or written.
-    progress_interval_s: seconds between progress lines (logged even while no batch arrives, with the stages
-      that wait for resources). stall_timeout_s: the job ends with `LabelJobStalled` after that long without
-      a new output row (None = never); committed chunks stay and the re-run resumes (docs/reliability.md).
-    """
-
-    input: str
-    output: str
-    model: str
-    boxsize: int = 640
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = True
-    mode: str = "default"
-    aggregation: str | None = None
-    max_pixels: int = 50_000_000
-    min_person_score: float | None = None
-    min_keypoints: int | None = None
-    chunk_size: int = 10_000
-    read_batch_size: int = 64
-    decode_batch_size: int = 64
-    network_batch_size: int | None = None
-    forward_batch_size: int = 16
-    assemble_batch_size: int = 256
-    read_cpus: float = 0.25
-    decode_cpus: float = 0.5
-    network_cpus: float = 1.0
-    assemble_cpus: float = 0.25
-    decode_actors: tuple[int, int | None] = (1, None)
-    network_actors: tuple[int, int | None] = (1, None)
-    assemble_actors: tuple[int, int | None] = (1, None)
-    device: str = "auto"
-    precision: str = "auto"
-    engine: str = "torch"
-    channels_last: bool | None = None
-    compile: bool = False
-    read_retries: int = 3
-    allow_local_paths: bool = False
-    overwrite: bool = False
-    address: str | None = None
-    storage_options: Mapping[str, object] = field(default_factory=dict, repr=False)
-    progress_interval_s: float = 10.0
-    stall_timeout_s: float | None = 1800.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        for name in ("input", "output", "model"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"LabelJobConfig.{name}: a non-empty URI is required")
-        if self.engine not in NETWORK_ENGINES:
-            raise ValueError(f"LabelJobConfig.engine: {self.engine!r} not in {NETWORK_ENGINES}")
-        if self.device not in DEVICES or self.precision not in PRECISIONS:
-            raise ValueError(f"LabelJobConfig: device {self.device!r} not in {DEVICES} or precision "
-                             f"{self.precision!r} not in {PRECISIONS}")
-        if min(self.chunk_size, self.max_pixels, self.read_batch_size, self.decode_batch_size,
-               self.network_rows(), self.forward_batch_size, self.assemble_batch_size) < 1:
-            raise ValueError("LabelJobConfig: chunk_size, max_pixels and batch sizes must be >= 1")
-        for name in ("decode_actors", "network_actors", "assemble_actors"):
-            low, high = getattr(self, name)
-            if low < 1 or (high is not None and high < low):
-                raise ValueError(f"LabelJobConfig.{name}: need 1 <= min <= max (max None = sized from the "
-                                 f"cluster), got {(low, high)}")
-        if self.stall_timeout_s is not None and self.stall_timeout_s <= 0:
-            raise ValueError(f"LabelJobConfig.stall_timeout_s: must be > 0 or None, got {self.stall_timeout_s}")
-        self.decoder_config()  # validates mode
-        self.infer_config()  # validates boxsize, scales, aggregation
-        self.pose_floor()  # validates the floor
-
-    def infer_config(self):
-        from simplepose.infer import InferConfig
-
-        aggregation = self.aggregation or ("reference" if self.mode == "reference" else "stride4")
-        return InferConfig(boxsize=self.boxsize, scales=self.scales, flip=self.flip, aggregation=aggregation)
-
-    def decoder_config(self):
-        from simplepose.decode import DecoderConfig
-
-        return DecoderConfig(mode=self.mode)
-
-    def network_rows(self) -> int:
-        """Rows per network Ray batch: `network_batch_size`, or as many as fit ~1 GiB of uint8 inputs (a 4:3
-        image per scale), between forward_batch_size and 1024."""
-        if self.network_batch_size is not None:
-            return self.network_batch_size
-        per_image = sum(3 * (s * self.boxsize) ** 2 * 4 / 3 for s in self.scales)
-        return int(min(1024, max(self.forward_batch_size, (1 << 30) // max(per_image, 1))))  # boxsize 0: checked later
-
-    def pose_floor(self):
-        """The output floor of the poses table (`simplepose.decode.PoseFloor`)."""
-        from simplepose.decode import PoseFloor
-
-        changes = {name: value for name, value in (("min_person_score", self.min_person_score),
-                                                   ("min_keypoints", self.min_keypoints)) if value is not None}
-        return PoseFloor(**changes)
-
-    def settings(self) -> dict:
-        """What determines the output rows (the run id is derived from it); no secrets."""
-        infer = dataclasses.asdict(self.infer_config())
-        return {"input": self.input, "model": self.model, "infer": infer, "mode": self.mode,
-                "decoder": dataclasses.asdict(self.decoder_config()),
-                "floor": dataclasses.asdict(self.pose_floor()), "max_pixels": self.max_pixels,
-                "chunk_size": self.chunk_size, "allow_local_paths": self.allow_local_paths,
-                "schema_version": tables.SCHEMA_VERSION}
-
 
 @dataclass(frozen=True)
 class LabelSummary:

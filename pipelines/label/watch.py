@@ -37,8 +37,8 @@ class LabelJobStalled(JobError):
 
 def stage_resources(config, device: str) -> dict[str, dict[str, float]]:
     """Logical resources one actor of each stage asks for (as `graph.stages` sets them)."""
-    network = {"CPU": 1.0, "GPU": 1.0} if device == "cuda" else {"CPU": config.network_cpus}
-    return {"decode": {"CPU": config.decode_cpus}, "network": network, "assemble": {"CPU": config.assemble_cpus}}
+    network = {"CPU": 1.0, "GPU": 1.0} if device == "cuda" else {"CPU": config.network.cpus}
+    return {"decode": {"CPU": config.decode.cpus}, "network": network, "assemble": {"CPU": config.assemble.cpus}}
 
 
 def _fmt(resources: Mapping[str, float]) -> str:

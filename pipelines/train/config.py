@@ -6,16 +6,10 @@ and impossible values raise a ValueError naming the dotted key. Defaults are the
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
 
-import fsspec
-import yaml
-
+from pipelines.config import config_from_dict, load_config, to_dict  # noqa: F401 (config_from_dict: re-exported)
 from simplepose.augment import AugmentConfig
 from simplepose.loss import LossConfig
 from simplepose.model import IMHNConfig
@@ -184,7 +178,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples): YAML/JSON-serialisable and accepted by `config_from_dict`."""
-        return _plain(dataclasses.asdict(self))
+        return to_dict(self)
 
 
 def _check(ok: bool, key: str, reason: str) -> None:
@@ -192,117 +186,6 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ValueError(f"TrainConfig: {key} {reason}")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def config_from_dict(cls: type, data: Any, path: str = ""):
-    """Build dataclass `cls` from nested dicts/lists, rejecting unknown keys and values of the wrong type."""
-    where = path or cls.__name__
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {', '.join(_join(path, k) for k in unknown)}; "
-                         f"{where} accepts {', '.join(sorted(names))}")
-    values = {key: _coerce(hints[key], value, _join(path, key)) for key, value in data.items()}
-    try:
-        return cls(**values)
-    except TypeError as error:  # a required field is missing
-        raise ValueError(f"config: {where}: {error}") from None
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        return _coerce(options[0], value, path) if len(options) == 1 else value
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else config_from_dict(hint, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config: {path} must be a list, got {value!r}")
-        item = args[0] if args else Any
-        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
-            return tuple(_coerce(item, v, f"{path}.{i}") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ValueError(f"config: {path} needs {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is not hint:
-        raise ValueError(f"config: {path} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of `data` with each "a.b.c=value" set; value parsed as YAML ("1e-3", "[1, 2]", "null").
-
-    Integer path parts index lists (`stages.0.epochs=2`). Keys that do not exist are still set here and are
-    rejected by `config_from_dict` with the full dotted name.
-    """
-    result = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {override!r} must look like section.key=value")
-        node, parts = result, key.split(".")
-        for part in parts[:-1]:
-            node = _child(node, part, key)
-        value = yaml.safe_load(text)
-        if isinstance(value, str) and _looks_numeric(text):
-            value = float(text)  # YAML 1.1 reads "1e-3" as a string
-        if isinstance(node, list):
-            node[_index(node, parts[-1], key)] = value
-        else:
-            node[parts[-1]] = value
-    return result
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _child(node: Any, part: str, key: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, part, key)]
-    if not isinstance(node, dict):
-        raise ValueError(f"override {key!r}: {part!r} is inside a value that is not a section")
-    return node.setdefault(part, {})
-
-
-def _index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ValueError(f"override {key!r}: {part!r} is not an index of a {len(node)}-item list")
-    return int(part)
-
-
 def load_train_config(uri: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML job config (any fsspec URI; None = all defaults) and apply dotted overrides."""
-    data: dict = {}
-    if uri is not None:
-        with fsspec.open(uri, "r") as handle:
-            data = yaml.safe_load(handle) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"load_train_config: {uri} must hold a YAML mapping, got {type(data).__name__}")
-    if overrides:
-        defaults_for_lists = {"stages": TrainConfig().to_dict()["stages"]} if any(
-            o.startswith("stages.") for o in overrides) and "stages" not in data else {}
-        data = apply_overrides({**defaults_for_lists, **data}, list(overrides))
-    return config_from_dict(TrainConfig, data)
+    """Read a YAML job config (any URI; None = all defaults) and apply dotted overrides (`pipelines.config`)."""
+    return load_config(TrainConfig, uri, overrides)
