@@ -13,8 +13,18 @@ import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from pipelines import storage
+from simplepose.coco import evaluate_keypoints
+from simplepose.decode import (DecoderConfig, PoseFloor, assemble, coco_results, find_candidates_batch,
+                               select_poses)
+from simplepose.infer import Heatmaps, heatmaps_from_stride4, upsample_reference
+from simplepose.skeleton import coco_to_reference
+from simplepose.targets import render_heatmaps
 
 STRIDE = 4
 
@@ -25,12 +35,6 @@ def perfect_heatmaps(image: dict, keypoint_lists: list, mode: str, map_dtype: st
     The maps are rounded to `map_dtype` and back to float32 first: the authors' oracle figures were measured
     on float16 maps (equal bit for bit to render_heatmaps cast to float16).
     """
-    import torch
-
-    from simplepose.infer import Heatmaps, heatmaps_from_stride4, upsample_reference
-    from simplepose.skeleton import coco_to_reference
-    from simplepose.targets import render_heatmaps
-
     height, width = image["height"], image["width"]
     coco = np.asarray(keypoint_lists, dtype=np.float64).reshape(-1, 17, 3)
     maps = render_heatmaps(coco_to_reference(coco).reshape(-1, 18, 3),
@@ -50,10 +54,6 @@ def _decode_chunk(task):
     """Worker: decode a chunk of images, `batch_size` at a time through the tensor stage -> (results,
     [(tensor_s, assembly_s, tensor_cpu_s, assembly_cpu_s, postprocess_s)] per image; a batch's tensor-stage
     time is shared equally by its images)."""
-    import torch
-
-    from simplepose.decode import assemble, coco_results, find_candidates_batch, select_poses
-
     torch.set_num_threads(1)
     config, map_dtype, batch_size, items, floor = task
     visibility = "reference" if config.is_reference else "score"
@@ -76,13 +76,37 @@ def _decode_chunk(task):
     return results, times
 
 
-def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = None, map_dtype: str = "float16",
-               batch_size: int = 16, floor=None):
-    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns.
-    floor: a `simplepose.decode.PoseFloor` applied to each image's persons (untimed), or None."""
-    from simplepose.coco import evaluate_keypoints
+@dataclass(frozen=True)
+class OracleConfig:
+    """One oracle run (`simplepose oracle`). annotations: COCO person keypoints JSON (any URI).
+    decoder: the decoder under test. floor: the poses tables' output floor applied before COCOeval (untimed),
+    None = every decoded person. map_dtype: precision of the rendered maps before decoding ("float16" is how
+    the authors' oracle maps were recorded). batch_size: images per tensor-stage call, as a labeling actor
+    batches. workers: processes, one torch thread each. limit: only the first N images. results: also write
+    the COCO results JSON to this URI."""
+    annotations: str
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    floor: PoseFloor | None = None
+    map_dtype: str = "float16"
+    batch_size: int = 16
+    workers: int = 1
+    limit: int | None = None
+    results: str | None = None
 
-    with open(annotations) as f:
+    def __post_init__(self):
+        if self.map_dtype not in ("float16", "float32"):
+            raise ValueError(f"OracleConfig.map_dtype: float16 or float32, got {self.map_dtype!r}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError(f"OracleConfig: batch_size and workers must be >= 1, got {self.batch_size}, "
+                             f"{self.workers}")
+
+
+def run_oracle(config: OracleConfig) -> tuple[list[dict], dict, np.ndarray]:
+    """-> (COCO results, stats dict, per-image times float64 (n, 5)); see `_decode_chunk` for the columns.
+    Writes the results to `config.results` when set."""
+    annotations, workers, limit, map_dtype = config.annotations, config.workers, config.limit, config.map_dtype
+    batch_size, floor = config.batch_size, config.floor
+    with storage.open_binary(annotations) as f:
         dataset = json.load(f)
     persons: dict[int, list] = {}
     for ann in dataset["annotations"]:
@@ -92,11 +116,14 @@ def run_oracle(annotations: str, config, workers: int = 1, limit: int | None = N
     items = [(image, persons.get(image["id"], [])) for image in images]
     chunks = [items[i::workers] for i in range(workers)]
     if workers == 1:
-        outputs = [_decode_chunk((config, map_dtype, batch_size, items, floor))]
+        outputs = [_decode_chunk((config.decoder, map_dtype, batch_size, items, floor))]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            outputs = list(pool.map(_decode_chunk, [(config, map_dtype, batch_size, chunk, floor) for chunk in chunks]))
+            outputs = list(pool.map(_decode_chunk, [(config.decoder, map_dtype, batch_size, chunk, floor)
+                                                          for chunk in chunks]))
     results = [r for out, _ in outputs for r in out]
     times = np.array([t for _, ts in outputs for t in ts]).reshape(-1, 5)
     stats = evaluate_keypoints(dataset, results, image_ids=[image["id"] for image in images])
+    if config.results:
+        storage.write_atomic(config.results, json.dumps(results).encode())
     return results, stats, times

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from jobs.cli import main as cli_main
 
@@ -35,13 +34,16 @@ def test_reference_mode_and_options_on_a_few_images(capsys, coco_mini_annotation
     written = json.loads(results.read_text())
     assert len(written) == figures["n_persons"]
     assert all(v in (0.0, 1.0) for r in written for v in r["keypoints"][2::3])  # the authors' v flag
-    ablation = run_oracle(capsys, str(coco_mini_annotations), "--limit", "4", "--option", "tie_free_nms=false")
+    ablation = run_oracle(capsys, str(coco_mini_annotations), "--limit", "4", "decoder.tie_free_nms=false",
+                          "--floor", "floor.min_keypoints=3")
     assert ablation["config"]["tie_free_nms"] is False
+    assert ablation["floor"] == {"min_person_score": 0.1, "min_keypoints": 3}
 
 
-def test_unknown_option_is_refused(coco_mini_annotations):
-    with pytest.raises(SystemExit, match="unknown decoder option"):
-        cli_main(["oracle", str(coco_mini_annotations), "--option", "speed=11"])
+def test_unknown_decoder_key_is_refused_naming_the_accepted_ones(capsys, coco_mini_annotations):
+    assert cli_main(["oracle", str(coco_mini_annotations), "decoder.speed=11"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) decoder.speed" in err and "tie_free_nms" in err and "Traceback" not in err
 
 
 def test_help():

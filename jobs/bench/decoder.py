@@ -8,8 +8,8 @@ Two cases, both with the labeling job's functions (`simplepose.infer.preprocess`
     --batch-size) and the assembly (per image) are timed.
   noise: uniform random maps in [0, 1] at stride 4 for a --noise-size square image (the worst case the caps
     must bound: a local maximum in one cell of nine, nearly every pair accepted).
-Figures are per image, one torch thread; `--option NAME=VALUE` overrides DecoderConfig fields (e.g.
-`--option max_candidates=0 --option max_persons=0` for the uncapped decoder).
+Figures are per image, one torch thread; `decoder.NAME=VALUE` overrides DecoderConfig fields as in `simplepose
+label` and `simplepose oracle` (e.g. `decoder.max_candidates=0 decoder.max_persons=0` for the uncapped decoder).
 """
 from __future__ import annotations
 
@@ -17,29 +17,35 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import torch
 
 from jobs.bench.machine import describe_machine
-from jobs.oracle import decoder_config
+from jobs.options import add_config_arguments, load_job_config
 from simplepose.checkpoint import load_model
-from simplepose.decode import POSE_FLOOR, assemble, find_candidates_batch, select_poses
+from simplepose.decode import POSE_FLOOR, DecoderConfig, assemble, find_candidates_batch, select_poses
 from simplepose.infer import Heatmaps, InferConfig, predict_inputs, prepare_model, preprocess
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "imhn-tiny-stickfigures.pt")
 DEFAULT_IMAGES = "../shared/data/coco-mini/train2017"
 
 
+@dataclass(frozen=True)
+class DecoderBenchConfig:
+    """The decoder under test (`decoder.*`, the same keys as the labeling job's and the oracle's)."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "the benchmarked decoder (decoder.*)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint path (default: the shipped tiny IMHN)")
     parser.add_argument("--images", default=DEFAULT_IMAGES, help="folder of JPEG/PNG photos (default %(default)s)")
     parser.add_argument("--limit", type=int, default=80, help="photos to use (default %(default)s)")
     parser.add_argument("--boxsize", type=int, default=512, help="network input height (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="tensor-stage batch (default %(default)s)")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="override one DecoderConfig field (repeatable), as in `simplepose oracle`")
     parser.add_argument("--noise-size", type=int, default=512, help="noise case: image side in pixels")
     parser.add_argument("--noise-images", type=int, default=8, help="noise case: images (default %(default)s)")
     parser.add_argument("--skip-photos", action="store_true", help="only the noise case")
@@ -103,7 +109,7 @@ def noise_heatmaps(size: int, images: int, seed: int = 0) -> list:
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    config = decoder_config("default", args.option)
+    config = load_job_config(DecoderBenchConfig, args).decoder
     figures = {"config": {"max_candidates": config.max_candidates, "max_persons": config.max_persons},
                "floor": {"min_person_score": POSE_FLOOR.min_person_score,
                          "min_keypoints": POSE_FLOOR.min_keypoints},

@@ -96,7 +96,8 @@ def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple
     device = resolve_device(config, resources)
     pools = pool_sizes(config, resources, device)
     network_resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": config.network.cpus}
-    LOG.info("actor pools %s; network on %s (%s, engine %s)", pools, device, config.network.precision, config.network.engine)
+    LOG.info("actor pools %s; network on %s (%s, engine %s)", pools, device, config.network.precision,
+             config.network.engine)
     options = dict(config.storage_options)
     infer, decoder = config.infer, config.decoder
     channels_last = device == "cuda" if config.network.channels_last is None else config.network.channels_last

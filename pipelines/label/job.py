@@ -1,7 +1,7 @@
 """The labeling job: image objects in storage -> Ray Data (read, decode, network, assembly) -> Parquet tables.
 
-`run_label_job(config)` (a `pipelines.label.config.LabelJobConfig`) is the whole job; `jobs/label.py` is its command line and
-`docs/tables.md` documents its output. The stages are in `pipelines.label.stages`, the output folder
+`run_label_job(config)` (a `pipelines.label.config.LabelJobConfig`) is the whole job; `jobs/label.py` is its
+command line and `docs/tables.md` documents its output. The stages are in `pipelines.label.stages`, the output folder
 protocol (resume, exactly-once commits, success marker) in `pipelines.label.run_folder`.
 """
 from __future__ import annotations
