@@ -52,8 +52,16 @@ def test_sample_params_ranges_and_determinism():
         sample_params(config, np.random.RandomState(0))
 
 
-def test_validation_params_are_the_defaults():
-    assert AugmentParams() == AugmentParams(flip=False, rotation=0.0, scale=1.0, shift=(0, 0), tint=None)
+def test_validation_draw_is_a_plain_centred_crop():
+    """`AugmentParams()` (validation) is what a config with every augmentation off draws, and its affine only
+    scales the main person to target_dist of the crop, centred: no rotation, flip, shift or extra scale."""
+    off = AugmentConfig(scale_prob=0, max_rotate_degree=0, center_perturb_max=0, flip_prob=0, tint_prob=0)
+    assert {sample_params(off, np.random.default_rng(seed)) for seed in range(50)} == {AugmentParams()}
+    matrix = affine_matrix((300.0, 200.0), 0.25, AugmentParams())  # a 128-pixel-tall person, 512 crop
+    np.testing.assert_allclose(matrix[:, :2] / matrix[0, 0], np.eye(2), atol=1e-12)  # isotropic, unrotated
+    np.testing.assert_allclose(matrix @ [300.0, 200.0, 1.0], [255.5, 255.5])  # the centre to the crop centre
+    top, bottom = matrix @ [300.0, 136.0, 1.0], matrix @ [300.0, 264.0, 1.0]
+    assert bottom[1] - top[1] == pytest.approx(0.6 * 511)  # target_dist of the crop (S - 1: the HEAD tweak)
 
 
 def test_transform_keypoints_moves_every_row_and_swaps_sides_on_flip():

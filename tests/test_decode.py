@@ -272,9 +272,22 @@ def test_nan_maps_and_bad_configs_raise():
         find_candidates(object())
 
 
-def test_limb_table_is_the_skeleton():
-    """The decoder uses the skeleton's 30 limbs and COCO mapping, no copy of its own."""
-    assert len(LIMBS) == 30 and len(COCO_TO_REFERENCE) == 17
+def test_pairs_and_persons_follow_the_skeleton():
+    """One candidate of each of the 18 types: the decoder proposes exactly one pair per skeleton limb, from the
+    limb's `from` keypoint to its `to` keypoint, and assembles them into one person whose COCO keypoint c is
+    the candidate of reference type COCO_TO_REFERENCE[c], with its score (the neck has no COCO slot)."""
+    types = torch.arange(18)
+    limbs, a, b, _ = (t.numpy() for t in enumerate_pairs(types))
+    assert list(zip(limbs.tolist(), a.tolist(), b.tolist())) == [(k, f, t) for k, (f, t) in enumerate(LIMBS)]
+    xy = np.column_stack([10.0 + 7 * np.arange(18), 50.0 + 3 * np.arange(18)])
+    scores = np.linspace(0.5, 0.95, 18)
+    candidates = Candidates(xy, scores, types.numpy(), limbs, a, b, np.full(len(limbs), 0.8),
+                            np.linalg.norm(xy[b] - xy[a], axis=1), (200, 200))
+    for config in (DEFAULT, DEFAULT.replace(global_greedy=False)):
+        poses = assemble(candidates, config)
+        assert len(poses) == 1
+        np.testing.assert_array_equal(poses.keypoints[0, :, :2], xy[list(COCO_TO_REFERENCE)])
+        np.testing.assert_allclose(poses.keypoints[0, :, 2], scores[list(COCO_TO_REFERENCE)])
 
 
 @settings(max_examples=30, deadline=None)

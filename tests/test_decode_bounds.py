@@ -11,7 +11,7 @@ from test_decode import person, stride4_heatmaps  # tests/ is on sys.path (rootd
 from simplepose.decode import (POSE_FLOOR, DecoderConfig, Poses, PoseFloor, assemble, find_candidates,
                                find_candidates_batch, select_poses)
 from simplepose.decode.assembly import attach_fragments, group_candidates
-from simplepose.decode.peaks import top_k_per_group
+from simplepose.decode.peaks import stride_peaks, top_k_per_group
 from simplepose.infer import Heatmaps
 from simplepose.skeleton import NUM_KEYPOINTS
 
@@ -26,10 +26,16 @@ def noise(size: int = 512, seed: int = 0) -> Heatmaps:
                     STRIDE4, (size, size))
 
 
-def test_defaults_are_bounded():
+def test_the_default_decoder_is_bounded():
+    """Noise maps hold far more peaks per type than the default cap; the default decoder keeps the cap on
+    candidates and on persons."""
     config = DecoderConfig()
-    assert config.max_candidates == 24 and config.max_persons == 32
-    assert POSE_FLOOR == PoseFloor(min_person_score=0.1, min_keypoints=2)
+    maps = noise(512)
+    uncapped = stride_peaks([maps.keypoints], DecoderConfig(max_candidates=0))  # peaks only: no pairs to score
+    candidates = find_candidates(maps, config)
+    assert np.bincount(uncapped.types.numpy()).min() > 10 * config.max_candidates
+    assert 0 < candidates.counts.max() <= config.max_candidates
+    assert 0 < len(assemble(candidates, config)) <= config.max_persons
     with pytest.raises(ValueError, match="max_candidates"):
         DecoderConfig(max_candidates=-1)
 
@@ -63,11 +69,12 @@ def test_caps_hold_on_noise_maps_and_time_stays_bounded():
 
 def test_kept_candidates_are_the_highest_scoring_and_stay_in_raster_order():
     maps = noise(256, seed=3)
-    everything = find_candidates(maps, DecoderConfig(max_candidates=0))
+    # Every peak, uncapped: the peaks alone (uncapped pair scoring of noise would take a minute and GBs).
+    everything = stride_peaks([maps.keypoints], DecoderConfig(max_candidates=0))
     capped = find_candidates(maps, DecoderConfig(max_candidates=5))
     cells = find_candidates(maps, DecoderConfig(max_candidates=5, refinement="none"))  # cell centres
     for t in range(NUM_KEYPOINTS):
-        all_scores = np.sort(everything.scores[everything.types == t])[::-1]
+        all_scores = np.sort(everything.scores[everything.types == t].numpy())[::-1]
         kept = capped.scores[capped.types == t]
         np.testing.assert_array_equal(np.sort(kept)[::-1], all_scores[:5])
     assert np.all(np.diff(capped.types) >= 0)

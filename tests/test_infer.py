@@ -108,11 +108,23 @@ def test_preprocess_rejects_bad_images(bad, error):
         infer.preprocess(bad, SMALL)
 
 
-def test_config_and_presets():
-    assert infer.PRESETS["paper"] == InferConfig() == infer.PAPER
-    assert infer.PAPER.scales == (0.5, 1.0, 1.5, 2.0, 3.0) and infer.PAPER.boxsize == 512 and infer.PAPER.flip
-    assert infer.HEAD.boxsize == 640 and infer.HEAD.scales == (1.0,)
-    assert infer.FAST.scales == (1.0,) and infer.FAST.aggregation == "stride4"
+def test_presets_set_the_network_inputs_and_maps():
+    """A 320 x 480 image under each preset: the paper's five scales of a 512 box (the default config), HEAD's and
+    the labeling job's one 640 box, FAST's one 512 box; the stride-4 presets give maps whose cell j is pixel
+    (4j + 1.5 + 0.5) / factor - 0.5 of the image."""
+    image = _image(320, 480)
+    expected = {infer.PAPER: [256, 512, 768, 1024, 1536], infer.HEAD: [640], infer.FAST: [512],
+                infer.LABELING: [640]}
+    assert infer.PRESETS["paper"] == InferConfig() and infer.PRESETS["head"] == infer.HEAD
+    for config, heights in expected.items():
+        inputs = infer.preprocess(image, config)
+        assert [item.resized_shape for item in inputs] == [(h, h * 3 // 2) for h in heights]
+    for config, factor in ((infer.FAST, 1.6), (infer.LABELING, 2.0)):
+        (item,) = infer.preprocess(image, config)
+        maps = torch.zeros(48, item.image.shape[0] // 4, item.image.shape[1] // 4)
+        heat = infer.aggregate([item], [maps], config)
+        assert heat.image_size == (320, 480)
+        assert heat.map_to_image == pytest.approx((4 / factor, 4 / factor, 2 / factor - 0.5, 2 / factor - 0.5))
     for bad in ({"aggregation": "max"}, {"scales": ()}, {"scales": (0,)}, {"pad_value": 300}, {"multiple": 30}):
         with pytest.raises(ValueError, match="InferConfig"):
             InferConfig(**bad)

@@ -129,8 +129,17 @@ def test_bad_config_is_refused(kwargs, match):
         IMHNConfig(**kwargs)
 
 
-def test_from_config_round_trip():
+def test_from_config_builds_that_network():
+    """`from_config` builds the configured architecture: the same modules and shapes as the keyword
+    constructor (a strict state-dict load), `stacks` outputs of `outputs` channels; another config does not fit."""
     config = IMHNConfig(**TINY)
-    assert IMHN.from_config(config).config == config
+    model = IMHN.from_config(config)
+    assert model.config == config
+    model.load_state_dict(IMHN(**TINY).state_dict())  # strict: every key and shape matches
+    with torch.inference_mode():
+        out = model.eval()(torch.rand(1, 3, 64, 64))
+    assert len(out) == config.stacks and out[-1][0].shape == (1, config.outputs, 16, 16)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        IMHN.from_config(IMHNConfig(stacks=2, width=32, increase=16)).load_state_dict(model.state_dict())
     with pytest.raises(TypeError):
         IMHN.from_config(dict(TINY))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jobs.bench import BENCHMARKS
 from jobs.cli import COMMANDS
+from simplepose import skeleton as sk
 
 
 def test_library_imports_no_ray_mlflow_or_storage_clients():
@@ -24,23 +26,45 @@ def test_library_imports_no_ray_mlflow_or_storage_clients():
     assert out.stdout.strip() == "", f"simplepose imported {out.stdout.strip()}"
 
 
-def test_skeleton_is_consistent():
-    from simplepose import skeleton as sk
+def _mirror_name(name: str) -> str:
+    side, _, part = name.partition("_")
+    return {"left": "right_", "right": "left_"}[side] + part if side in ("left", "right") else name
 
-    assert len(sk.FLIP_CHANNEL_ORDER) == sk.NUM_CHANNELS == 50
-    assert sorted(sk.FLIP_CHANNEL_ORDER) == list(range(50))
+
+def test_skeleton_body_parts_join_distinct_keypoints_into_one_figure():
+    limbs = [tuple(limb) for limb in sk.LIMBS]
+    assert all(0 <= a < sk.NUM_KEYPOINTS and 0 <= b < sk.NUM_KEYPOINTS and a != b for a, b in limbs)
+    assert len({frozenset(limb) for limb in limbs}) == len(limbs)  # no body part twice, in either direction
+    reached, frontier = {sk.NECK}, [sk.NECK]  # every keypoint joins the figure through body parts
+    while frontier:
+        k = frontier.pop()
+        for a, b in limbs:
+            for other in ({a, b} - {k} if k in (a, b) else ()):
+                if other not in reached:
+                    reached.add(other)
+                    frontier.append(other)
+    assert reached == set(range(sk.NUM_KEYPOINTS))
+    for a, b in sk.COCO_SKELETON:  # the drawing skeleton joins COCO keypoints
+        assert 0 <= a < len(sk.COCO_KEYPOINTS) and 0 <= b < len(sk.COCO_KEYPOINTS) and a != b
+
+
+def test_flip_maps_are_involutions_that_swap_left_and_right():
+    for flip in (sk.KEYPOINT_FLIP, sk.FLIP_LIMB_ORDER, sk.FLIP_HEAT_ORDER, sk.FLIP_CHANNEL_ORDER):
+        assert [flip[flip[i]] for i in range(len(flip))] == list(range(len(flip)))
+    for k, name in enumerate(sk.KEYPOINTS):
+        assert sk.KEYPOINTS[sk.KEYPOINT_FLIP[k]] == _mirror_name(name)
+    # Test-time flip: keypoint channels follow the keypoint flip; max and person-mask channels stay.
+    assert list(sk.FLIP_HEAT_ORDER) == [*sk.KEYPOINT_FLIP, 18, 19]
+    assert len(sk.FLIP_CHANNEL_ORDER) == sk.NUM_CHANNELS
     for limb, (a, b) in enumerate(sk.LIMBS):  # a mirrored limb joins the mirrored keypoints
         mirrored = sk.LIMBS[sk.FLIP_LIMB_ORDER[limb]]
         assert set(mirrored) == {sk.KEYPOINT_FLIP[a], sk.KEYPOINT_FLIP[b]}
     for coco_index, name in enumerate(sk.COCO_KEYPOINTS):
         assert sk.KEYPOINTS[sk.COCO_TO_REFERENCE[coco_index]] == name
+        assert sk.REFERENCE_TO_COCO[sk.COCO_TO_REFERENCE[coco_index]] == coco_index
 
 
 def test_coco_to_reference_recodes_visibility_and_builds_the_neck():
-    import numpy as np
-
-    from simplepose import skeleton as sk
-
     coco = np.zeros((17, 3))
     coco[5] = (10, 20, 2)  # left shoulder, visible
     coco[6] = (30, 40, 1)  # right shoulder, occluded
