@@ -190,7 +190,8 @@ def test_floor_drops_weak_and_sparse_persons_in_order():
     assert kept.keypoints.shape == (3, 17, 3) and kept.boxes.shape == (3, 4)
     assert len(select_poses(poses, PoseFloor(0.0, 0))) == 5
     assert len(select_poses(poses, PoseFloor(min_person_score=0.25, min_keypoints=3))) == 1
-    assert select_poses(_poses([0.9], [17])) is not None
+    strong = _poses([0.9], [17])
+    np.testing.assert_array_equal(select_poses(strong).keypoints, strong.keypoints)  # kept as it is
     assert len(select_poses(_poses([], []))) == 0
 
 
