@@ -337,7 +337,7 @@ class _AtomicText:
         self.uri = uri
         self.fs, self.path = storage.filesystem(uri, storage_options)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self.local = any(p in ("file", "local") for p in protocols)
+        self.local = any(p in storage.LOCAL_PROTOCOLS for p in protocols)
 
     def __enter__(self):
         if self.local:

@@ -3,8 +3,9 @@
 `check_label_job(config)` runs first in `run_label_job`: INPUT exists (a manifest file, a glob's folder, an
 object or a prefix holding objects), OUTPUT is a folder (not a file, nor below one) that can be written, and
 the store answers with the given credentials and endpoint. Each failure is a `pipelines.errors.JobError`
-naming INPUT or OUTPUT and what to check. The model is checked by `describe_model` (it reads it anyway),
-also before the folder is claimed. The checks are cheap: existence tests, no listing of a whole prefix.
+naming INPUT or OUTPUT and what to check. The model is checked by `pipelines.registry.describe_model` (it
+reads its metadata anyway), also before the folder is claimed. The checks are cheap: existence tests, no
+listing of a whole prefix.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _filesystem(role: str, uri: str, options: Mapping | None):
 
 def _is_local(fs) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return any(p in ("file", "local") for p in protocols)
+    return any(p in storage.LOCAL_PROTOCOLS for p in protocols)
 
 
 def _bucket_hint(fs, uri: str, path: str) -> str:

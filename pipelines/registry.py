@@ -8,19 +8,25 @@ fixes input shapes at export; a state_dict loads in well under a second and stay
 `simplepose.load_model` with no MLflow installed.
 
 Aliases: `candidate` = the latest trained version; `champion` = the one the labeling job uses. The COCO
-stats of a version on a named evaluation set are tags `coco.<set>.<stat>`.
+stats of a version on a named evaluation set are tags `coco.<set>.<stat>`. `describe_model` names the model a
+job will load (a models:/ alias pinned to its version, or a checkpoint's name and version).
+
+MLflow is imported inside the functions that use it (see `pipelines.tracking`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines import tracking
+from pipelines import errors, storage, tracking
 
 LOG = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
     target = root / version.name / str(version.version)
     path = target / MODEL_FILE
     if not path.exists():
-        from mlflow.artifacts import download_artifacts
+        from mlflow.artifacts import download_artifacts  # on use: MLflow is slow to import (pipelines.tracking)
 
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target) as scratch:  # atomic: a crash leaves no partial file
@@ -73,11 +79,53 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
     return str(path)
 
 
+METADATA_BLOCK_BYTES = 1 << 20
+"""Block size of `describe_model`'s metadata read: a few small ranges of the file, which s3fs's default
+50 MiB readahead would turn into 150 MiB of transfer for the released model (3 MiB with this)."""
+
+HASH_CHUNK_BYTES = 32 << 20
+"""Bytes per read (one ranged request on an object store, no readahead) when `describe_model` hashes a
+checkpoint: the file never sits in memory whole, and the released model takes 16 requests."""
+
+
+def describe_model(model: str, storage_options: Mapping[str, object] | None = None,
+                   tracking_uri: str | None = None) -> tuple[str, str, str]:
+    """(URI the job loads, model name, model version) of a model reference.
+
+    models:/NAME@ALIAS (or models:/NAME/VERSION) is pinned to the version the alias points at now, in the
+    registry at `tracking_uri` (default $MLFLOW_TRACKING_URI, else the local store), so a promotion during a
+    run does not mix models; the checkpoint itself is not read. A checkpoint URI: name and version from its
+    metadata ("name", "version") when present, else the file's stem and the first 12 hex digits of the
+    SHA-256 of its bytes. Only the checkpoint's metadata is read (`read_checkpoint_metadata`: the format,
+    keys and shapes are checked, no weight is loaded) and the hash, when one is needed, reads the file in
+    chunks of `HASH_CHUNK_BYTES`. Store errors and unusable files raise a JobError naming MODEL and the URI.
+    """
+    if model.startswith("models:/"):
+        version = get_version(tracking.client(tracking_uri), model)
+        return f"models:/{version.name}/{version.version}", version.name, str(version.version)
+    # Imported on use: torch takes over a second to import, and registry lookups and promotion never need it.
+    from simplepose.checkpoint import read_checkpoint_metadata
+
+    with errors.about("MODEL", model, storage_options):  # store errors and bad files name the model URI
+        fs, path = storage.filesystem(model, storage_options)
+        with fs.open(path, "rb", block_size=METADATA_BLOCK_BYTES) as f:
+            _, metadata = read_checkpoint_metadata(f)
+        version = metadata.get("version")
+        if not version:
+            digest = hashlib.sha256()
+            with fs.open(path, "rb", cache_type="none") as f:
+                while chunk := f.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+            version = digest.hexdigest()[:12]
+    name = metadata.get("name") or posixpath.splitext(posixpath.basename(model.rstrip("/")))[0]
+    return model, str(name), str(version)
+
+
 def register_checkpoint(mlflow_client, name: str, run_id: str, alias: str | None = CANDIDATE,
                         tags: dict[str, str] | None = None) -> str:
     """Register the run's `model/` artifact folder (holding `imhn.pt`) as a new version of `name`, point
     `alias` at it, and return the version number."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # on use: MLflow is slow to import (pipelines.tracking)
 
     try:
         mlflow_client.create_registered_model(name, description="Simple Pose IMHN checkpoints (simplepose-imhn/1)")
@@ -126,7 +174,7 @@ def promote(mlflow_client, name: str, set_name: str, metric: str = "AP",
     """Move `champion_alias` to the `candidate_alias` version when its `metric` on `set_name` is strictly
     higher than the current champion's (or there is no champion yet). The decision, with both numbers, is
     recorded as tag `promotion.<set>` on the candidate version either way."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # on use: MLflow is slow to import (pipelines.tracking)
 
     candidate = mlflow_client.get_model_version_by_alias(name, candidate_alias)
     candidate_value = _metric(candidate, set_name, metric)

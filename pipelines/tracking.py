@@ -3,6 +3,10 @@
 Local default: a SQLite tracking store (which also holds the model registry) and a file or S3 artifact store;
 production: an MLflow server URI. Experiments are always created with an explicit artifact location so
 nothing lands in ./mlruns by accident (without one, MLflow puts them under the CWD).
+
+MLflow is imported where it is first used, never at the top of a `pipelines` module: it takes about 2 s to
+import, the labeling job imports `pipelines.registry` (for `describe_model`) but needs MLflow only for a
+models:/ URI, and `MLFLOW_DISABLE_TELEMETRY` must be set before MLflow is imported (`client`).
 """
 from __future__ import annotations
 
@@ -10,13 +14,21 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-import fsspec
+import simplepose
+from pipelines import storage
 
 LOG = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "simplepose.run_name"
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+"""The tracking (and registry) store when neither an argument nor $MLFLOW_TRACKING_URI names one."""
+
+DEFAULT_ARTIFACT_LOCATION = "mlruns/artifacts"
+"""The artifact location of experiments created without one (a folder, made a file:// URI)."""
 
 
 def _quiet_mlflow() -> None:
@@ -48,10 +60,9 @@ def client(tracking_uri: str | None = None):
     """An `MlflowClient` for `tracking_uri` (default: $MLFLOW_TRACKING_URI, then the project default);
     the registry lives in the same store."""
     _quiet_mlflow()
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # after _quiet_mlflow, and only when needed (module docstring)
 
-    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                               or "sqlite:///mlruns/mlflow.db")
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -78,8 +89,6 @@ def find_or_create_run(mlflow_client, experiment_id: str, run_name: str, tags: d
 
 def code_version() -> str:
     """The git commit of the code (with "-dirty" when modified), else the package version."""
-    import simplepose
-
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -91,10 +100,12 @@ def code_version() -> str:
         return f"simplepose-{simplepose.__version__}"
 
 
-def data_version(uri: str) -> str:
-    """An identity for a data object: its ETag / checksum on object stores, else size and mtime."""
+def data_version(uri: str, storage_options: Mapping[str, object] | None = None) -> str:
+    """An identity for a data object: its ETag / checksum on object stores, else size and mtime.
+    storage_options: fsspec options of `uri` (`pipelines.storage.filesystem`)."""
     try:
-        info = fsspec.core.url_to_fs(uri)[0].info(uri)
+        fs, path = storage.filesystem(uri, storage_options)
+        info = fs.info(path)
     except (OSError, ValueError) as error:
         LOG.warning("no version for %s: %s", uri, error)
         return "unknown"
@@ -112,7 +123,7 @@ class MetricLogger:
         self._pending = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # imported on use (module docstring); loaded with the client anyway
 
         now = int(time.time() * 1000)
         self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]

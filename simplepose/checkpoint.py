@@ -94,6 +94,19 @@ def load_checkpoint(path_or_file: PathOrFile, map_location: Any = "cpu"
                           f"format (no 'weights' dict); top-level keys: {sorted(map(str, raw))[:8]}")
 
 
+def read_checkpoint_metadata(path_or_file: PathOrFile) -> tuple[IMHNConfig, dict]:
+    """(config, metadata) of ours or the authors' checkpoint without reading its weights.
+
+    The file is read as by `load_checkpoint` but onto the meta device: torch then reads only the pickled
+    structure and the zip directory, never the tensor records (a few hundred KB of the released model's
+    516 MB). The checks are the same (format, every key and shape against the config) and so are the
+    errors (CheckpointError). A file object must be seekable; tensor values stored as metadata (an authors'
+    `train_loss` tensor) are not read and come back as None.
+    """
+    config, _, metadata = load_checkpoint(path_or_file, map_location="meta")
+    return config, metadata
+
+
 def load_model(path_or_file: PathOrFile, map_location: Any = "cpu") -> IMHN:
     """Build the IMHN stored in ours or the authors' checkpoint, weights loaded strictly, in eval mode."""
     config, state, metadata = load_checkpoint(path_or_file, map_location)
@@ -185,6 +198,8 @@ def _strip_prefixes(key: str) -> str:
 def _plain(value: Any) -> Any:
     """A JSON-friendly copy of a scalar the authors stored (int, float, numpy scalar or 1-element tensor)."""
     if isinstance(value, torch.Tensor):
+        if value.is_meta:  # read on the meta device (`read_checkpoint_metadata`): no value was read
+            return None
         value = value.numpy(force=True)
     return value.item() if isinstance(value, (np.ndarray, np.generic)) and value.size == 1 else value
 
@@ -213,5 +228,5 @@ def _load_failure(error: BaseException) -> str:
     return f"not a torch file of tensors ({detail[:80]})"
 
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "build_model",
-           "infer_config", "convert_reference_state_dict", "check_state_dict"]
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
+           "load_model", "build_model", "infer_config", "convert_reference_state_dict", "check_state_dict"]

@@ -14,7 +14,8 @@ import torch
 import simplepose
 from jobs import cli
 from simplepose.checkpoint import (
-    FORMAT, CheckpointError, convert_reference_state_dict, load_checkpoint, load_model, save_checkpoint)
+    FORMAT, CheckpointError, convert_reference_state_dict, load_checkpoint, load_model, read_checkpoint_metadata,
+    save_checkpoint)
 from simplepose.model import IMHN, IMHNConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,55 @@ def test_round_trip_with_metadata(tiny, tmp_path):
     assert_same_outputs(tiny, simplepose.load_model(path.open("rb")))  # file object, package re-export
 
 
+class CountingReader(io.RawIOBase):
+    """A seekable binary file that counts the bytes read through it."""
+
+    def __init__(self, path: Path):
+        self.file, self.bytes_read = open(path, "rb", buffering=0), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, buffer) -> int:
+        count = self.file.readinto(buffer)
+        self.bytes_read += count
+        return count
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def test_metadata_is_read_without_the_weights(tmp_path):
+    model = IMHN.from_config(IMHNConfig(stacks=1, width=64, increase=0))  # weights ~ 40x the pickled index
+    path = tmp_path / "model.pt"
+    save_checkpoint(model, path, {"name": "wide", "version": "3"})
+    with CountingReader(path) as reader:
+        config, metadata = read_checkpoint_metadata(reader)
+    assert (config, metadata) == (model.config, {"name": "wide", "version": "3"})
+    assert reader.bytes_read < path.stat().st_size / 10  # the index and the zip directory, not the weights
+    with CountingReader(path) as reader:
+        load_checkpoint(reader)
+    assert reader.bytes_read >= path.stat().st_size * 0.9  # what a full load reads
+
+
+@pytest.mark.parametrize("prefix, save_kwargs", [("module.posenet.", {}),
+                                                 ("posenet.", {"_use_new_zipfile_serialization": False})],
+                         ids=["zip", "legacy-serialization"])
+def test_metadata_of_the_authors_format(tiny, prefix, save_kwargs):
+    config, metadata = read_checkpoint_metadata(authors_file(tiny, prefix, **save_kwargs))
+    assert config == TINY and metadata == {"source_format": "reference", "epoch": 52, "train_loss": 123.5}
+
+
 def test_metadata_must_be_json(tiny):
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tiny, io.BytesIO(), {"when": object()})
@@ -105,7 +155,8 @@ def test_released_keys_map_to_imhn(fixtures_dir):
     assert all(converted[k].shape == v.shape and converted[k].dtype == v.dtype for k, v in expected.items())
 
 
-def test_other_architecture_is_refused_with_offending_keys(tiny):
+@pytest.mark.parametrize("read", [load_model, read_checkpoint_metadata])
+def test_other_architecture_is_refused_with_offending_keys(tiny, read):
     state = dict(tiny.state_dict())
     state.pop("pre.dilation.5.conv.weight")
     state["extra.layer.weight"] = torch.zeros(3)
@@ -114,7 +165,7 @@ def test_other_architecture_is_refused_with_offending_keys(tiny):
     torch.save({"weights": {"posenet." + k: v for k, v in state.items()}}, buffer)
     buffer.seek(0)
     with pytest.raises(CheckpointError) as info:
-        load_model(buffer)
+        read(buffer)
     message = str(info.value)
     assert "pre.dilation.5.conv.weight" in message and "extra.layer.weight" in message
     assert "outs.1.4.conv.bias (7,) != (50,)" in message
@@ -136,7 +187,8 @@ def test_not_an_imhn_at_all():
     ({"model": {}}, "neither a simplepose checkpoint"),
     ([1, 2, 3], "not a checkpoint dict"),
 ])
-def test_bad_files_are_refused(tiny, tmp_path, content, match):
+@pytest.mark.parametrize("read", [load_model, read_checkpoint_metadata])
+def test_bad_files_are_refused(tiny, tmp_path, content, match, read):
     path = tmp_path / "bad.pt"
     if content == "truncated":
         save_checkpoint(tiny, path)
@@ -147,14 +199,15 @@ def test_bad_files_are_refused(tiny, tmp_path, content, match):
     else:
         torch.save(content, path)
     with pytest.raises(CheckpointError, match=match):
-        load_model(path)
+        read(path)
 
 
-def test_pickled_module_is_refused(tiny, tmp_path):
+@pytest.mark.parametrize("read", [load_model, read_checkpoint_metadata])
+def test_pickled_module_is_refused(tiny, tmp_path, read):
     path = tmp_path / "module.pt"
     torch.save(tiny, path)  # a pickled nn.Module: weights_only loading must not execute it
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
-        load_model(path)
+        read(path)
 
 
 def test_missing_file_is_file_not_found(tmp_path):

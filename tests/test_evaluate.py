@@ -1,5 +1,6 @@
 """`simplepose evaluate`: stats equal a direct pycocotools run on the same results; MLflow run and model
-version tags hold them; images and results live on a real loopback S3 server."""
+version tags hold them; model, annotations, images and results live on a real loopback S3 server, reached
+with the caller's storage options, which are never logged."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.cli import main as cli_main
 from pipelines import registry, tracking
-from pipelines.evaluate import STATS, EvalResult, EvalTracking, log_evaluation
+from pipelines.evaluate import EvalResult, EvalTracking, infer_config_for, log_evaluation, run_evaluation
 from simplepose.checkpoint import save_checkpoint
+from simplepose.coco import STAT_NAMES, evaluate_keypoints
 from simplepose.decode import DecoderConfig
 from simplepose.infer import PAPER
 from simplepose.model import IMHN, IMHNConfig
@@ -42,15 +44,14 @@ def test_logged_stats_equal_pycocotools_on_the_oracle_results(tmp_path, coco_min
     expected = direct_cocoeval(coco_mini_annotations, results, ids)
     assert expected[0] > 0.5  # a non-trivial AP (the reference decoder on perfect maps)
 
-    from simplepose.coco import evaluate_keypoints
     stats = evaluate_keypoints(gt, results, image_ids=ids)
-    assert [stats[k] for k in STATS] == expected
+    assert [stats[k] for k in STAT_NAMES] == expected
     track = EvalTracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_location=str(tmp_path / "a"),
                          set_name="mini")
     logged = log_evaluation(EvalResult(stats, "", len(ids), len(results), 1.0), json.dumps(results), "oracle",
                             str(coco_mini_annotations), "imgs", PAPER, DecoderConfig(), track)
     run = tracking.client(track.tracking_uri).get_run(logged.run_id)
-    assert [run.data.metrics[f"coco_{k}"] for k in STATS] == pytest.approx(expected, abs=1e-12)
+    assert [run.data.metrics[f"coco_{k}"] for k in STAT_NAMES] == pytest.approx(expected, abs=1e-12)
     assert run.data.tags["simplepose.set_name"] == "mini"
 
 
@@ -101,15 +102,39 @@ def test_evaluate_command_on_s3_with_a_registered_model(tmp_path, coco_mini_on_s
     ids = [image["id"] for image in gt["images"]]
     if results:
         expected = direct_cocoeval(tmp_path / "gt.json", results, ids)
-        assert [printed[k] for k in STATS] == expected
+        assert [printed[k] for k in STAT_NAMES] == expected
     else:  # pycocotools cannot load an empty result list; no detection scores 0 (or -1 without ground truth)
-        assert all(printed[k] in (0.0, -1.0) for k in STATS)
+        assert all(printed[k] in (0.0, -1.0) for k in STAT_NAMES)
     tags = client.get_model_version("tiny", version).tags
     assert float(tags["coco.mini3.AP"]) == pytest.approx(printed["AP"], abs=1e-6)
     assert tags["coco.mini3.run_id"] == printed["run_id"]
     eval_run = client.get_run(printed["run_id"])
     assert eval_run.data.params["model_uri"] == "models:/tiny@candidate"
     assert [a.path for a in client.list_artifacts(printed["run_id"], "results")] == ["results/mini3_results.json"]
+
+
+def test_storage_options_reach_every_uri_and_are_never_logged(tmp_path, coco_mini_on_s3, s3_endpoint,
+                                                              monkeypatch):
+    annotations, images, gt = coco_mini_on_s3
+    bucket = annotations.split("/")[2]
+    torch.manual_seed(0)
+    checkpoint = io.BytesIO()
+    save_checkpoint(IMHN.from_config(IMHNConfig(stacks=1, width=16, increase=0)), checkpoint)
+    fsspec.filesystem("s3", endpoint_url=s3_endpoint).pipe(f"{bucket}/models/tiny.pt", checkpoint.getvalue())
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the store is reachable only through the options below
+    options = {"endpoint_url": s3_endpoint, "key": "eval-key-id", "secret": "eval-secret-value"}
+    track = EvalTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "a"),
+                         set_name="mini3")
+    result = run_evaluation(f"s3://{bucket}/models/tiny.pt", annotations, images,
+                            infer_config_for("head", scales=(1.0,), flip=False, boxsize=128),
+                            results_uri=f"s3://{bucket}/results/mini3.json", track=track, storage_options=options)
+    assert result.num_images == len(gt["images"])
+    written = json.loads(fsspec.filesystem("s3", **options).cat_file(f"{bucket}/results/mini3.json"))
+    assert len(written) == result.num_detections
+    run = tracking.client(track.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["data.annotations_version"] != "unknown"  # the annotation file's ETag, read with them
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert all(str(value) not in logged for value in options.values())
 
 
 def test_retraining_chain_evaluates_and_promotes(tmp_path, coco_mini_on_s3):

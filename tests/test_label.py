@@ -16,7 +16,7 @@ from pipelines import storage
 from pipelines.label import run_folder, tables
 from pipelines.config import format_config
 from pipelines.label.config import label_config
-from pipelines.label.job import ChunkWriter, chunk_tables, describe_model
+from pipelines.label.job import ChunkWriter, chunk_tables
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 
@@ -208,7 +208,6 @@ def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):
     batch = AssembleStage(config.decoder, config.floor)(batch)
     keypoints = np.frombuffer(batch["pose_keypoints"][0], np.float32).reshape(-1, 17, 3)
     assert keypoints.shape[0] == batch["num_persons"][0] and batch["num_persons"][1:].tolist() == [0] * 4
-    assert describe_model(tiny_checkpoint)[1:] == ("tiny-random", describe_model(tiny_checkpoint)[2])
 
 
 def test_network_stage_isolates_a_failing_image(tiny_checkpoint):
@@ -247,7 +246,7 @@ def test_registry_model_is_pinned_to_its_version(tiny_checkpoint, tmp_path, monk
     (artifact / "tiny.pt").rename(artifact / registry.MODEL_FILE)
     name = f"imhn-{uuid.uuid4().hex[:8]}"  # unique: the registry's download cache outlives the test
     registry.register_checkpoint(client, name, run_id, alias="champion")
-    assert describe_model(f"models:/{name}@champion") == (f"models:/{name}/1", name, "1")
+    assert registry.describe_model(f"models:/{name}@champion") == (f"models:/{name}/1", name, "1")
     assert load_model(f"models:/{name}/1").training is False
 
 

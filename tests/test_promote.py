@@ -1,11 +1,17 @@
-"""Model registry: registration, models:/ resolution and promotion by COCO AP, on a real SQLite MLflow store."""
+"""Model registry: registration, models:/ resolution, model descriptions and promotion by COCO AP, on a real
+SQLite MLflow store."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
+import torch
 
 from pipelines import registry, tracking
+from pipelines.errors import JobError
+from simplepose.checkpoint import save_checkpoint
+from simplepose.model import IMHN, IMHNConfig
 
 
 @pytest.fixture()
@@ -75,3 +81,60 @@ def test_promotion_needs_an_evaluation_on_the_set(store):
     _trained_version(store, b"a", None)
     with pytest.raises(ValueError, match="has no coco.val.AP"):
         registry.promote(store[0], "imhn", "val")
+
+
+def _checkpoint(path, metadata: dict | None = None) -> str:
+    """A 1-stack IMHN of width 64 (3 MB of weights, 80 KB of index) saved at `path`; its path."""
+    torch.manual_seed(0)
+    save_checkpoint(IMHN.from_config(IMHNConfig(stacks=1, width=64, increase=0)), path, metadata)
+    return str(path)
+
+
+def test_describe_model_reads_the_metadata_not_the_weights(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path / "model.pt", {"name": "wide", "version": "v7"})
+    opened = []
+    real_filesystem = registry.storage.filesystem
+
+    def counting_filesystem(uri, storage_options=None):  # every file describe_model opens counts its reads
+        fs, fs_path = real_filesystem(uri, storage_options)
+
+        class Counting:
+            def open(self, *args, **kwargs):
+                handle = fs.open(*args, **kwargs)
+                read, readinto = handle.read, handle.readinto  # torch reads tensor records with readinto
+                handle.read = lambda *a: opened.append(len(data := read(*a))) or data
+                handle.readinto = lambda buffer: opened.append(count := readinto(buffer)) or count
+                return handle
+        return Counting(), fs_path
+
+    monkeypatch.setattr(registry.storage, "filesystem", counting_filesystem)
+    assert registry.describe_model(path) == (path, "wide", "v7")
+    assert 0 < sum(opened) < (tmp_path / "model.pt").stat().st_size / 10  # index and zip directory only
+
+
+def test_describe_model_versions_a_checkpoint_by_the_sha256_of_its_bytes(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path / "my-model.pt")
+    monkeypatch.setattr(registry, "HASH_CHUNK_BYTES", 1000)  # thousands of chunks: the stream is hashed whole
+    expected = hashlib.sha256((tmp_path / "my-model.pt").read_bytes()).hexdigest()[:12]
+    assert registry.describe_model(path) == (path, "my-model", expected)
+
+
+def test_describe_model_pins_an_alias_to_its_version_now(store):
+    tracking_uri = store[0].tracking_uri
+    first = _trained_version(store, b"a", None)  # `candidate` -> first
+    assert registry.describe_model("models:/imhn@candidate", tracking_uri=tracking_uri) == (
+        f"models:/imhn/{first}", "imhn", first)
+    second = _trained_version(store, b"b", None)  # `candidate` moves; a described run keeps its version
+    assert second != first
+    assert registry.describe_model("models:/imhn@candidate", tracking_uri=tracking_uri) == (
+        f"models:/imhn/{second}", "imhn", second)
+    assert registry.describe_model(f"models:/imhn/{first}", tracking_uri=tracking_uri)[0] == f"models:/imhn/{first}"
+
+
+def test_describe_model_errors_name_the_model(tmp_path):
+    garbage = tmp_path / "bad.pt"
+    garbage.write_text("garbage\n")
+    with pytest.raises(JobError, match=r"MODEL '.*bad\.pt'.* not a readable torch checkpoint"):
+        registry.describe_model(str(garbage))
+    with pytest.raises(JobError, match=r"MODEL '.*absent\.pt' does not exist"):
+        registry.describe_model(str(tmp_path / "absent.pt"))

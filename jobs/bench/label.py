@@ -28,10 +28,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from jobs.bench.machine import describe_machine
+from jobs.options import add_config_arguments, load_job_config
+from pipelines import storage
+from pipelines.label import run_folder
+from pipelines.label.config import LabelJobConfig
+from pipelines.label.graph import build_dataset, data_context, pool_sizes, source, stages
+from pipelines.label.job import ChunkWriter
+from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
+from pipelines.ray_cluster import connect_ray
+from pipelines.registry import describe_model
+from simplepose.checkpoint import save_checkpoint
+from simplepose.model import IMHN
+
 BAR = 0.8
 STAGES = ("read", "decode", "network", "assemble", "write")
-
-from jobs.options import add_config_arguments, load_job_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +170,6 @@ class ProcessCpu:
 def _input_uris(input_uri: str | None, count: int, folder: Path) -> list[str]:
     """`count` distinct object URIs. A local input with fewer objects is cycled through symbolic links in
     `folder` (a manifest keeps each URI once); a remote one is used as it is, up to `count` objects."""
-    from pipelines import storage
 
     if input_uri is None:
         # The shared data folder, found as the tests find it ($SIMPLEPOSE_SHARED, else ../shared).
@@ -182,10 +195,7 @@ def _input_uris(input_uri: str | None, count: int, folder: Path) -> list[str]:
 def _model(args: argparse.Namespace, folder: Path) -> str:
     if args.model:
         return args.model
-    import torch
 
-    from simplepose.checkpoint import save_checkpoint
-    from simplepose.model import IMHN
 
     torch.manual_seed(0)
     path = folder / "random.pt"
@@ -209,7 +219,6 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     """CPU seconds per image of each stage called directly in this process (no Ray), on the first slices."""
     import numpy as np
 
-    from pipelines.label.stages import AssembleStage, DecodeStage, NetworkStage, read_slices_batch
 
     batch = {name: np.asarray([s[name] for s in slices], dtype=object) for name in ("chunk_uri", "start", "stop")}
     timings = {}
@@ -236,7 +245,6 @@ def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
 
 class Measure:
     """Wall seconds, CPU seconds per kind of process and the driver's own CPU of one timed block."""
-
     def __init__(self, cpu: ProcessCpu, images: int):
         self.cpu, self.images = cpu, images
 
@@ -275,13 +283,6 @@ def _per_image(big: Measure, small: Measure, images: int) -> dict:
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from jobs.bench.machine import describe_machine
-    from pipelines import storage
-    from pipelines.label import run_folder
-    from pipelines.label.config import LabelJobConfig
-    from pipelines.label.graph import build_dataset, data_context, pool_sizes, source, stages
-    from pipelines.label.job import ChunkWriter, describe_model
-    from pipelines.ray_cluster import connect_ray
 
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
     uris = _input_uris(args.input, args.images, folder)

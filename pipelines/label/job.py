@@ -7,7 +7,6 @@ protocol (resume, exactly-once commits, success marker) in `pipelines.label.run_
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines import errors, preflight, storage
+from pipelines import preflight, registry, storage
 from pipelines.label import run_folder, tables
 from pipelines.label.config import LabelJobConfig
 from pipelines.label.graph import build_dataset, data_context, resolve_device
@@ -58,7 +57,7 @@ def run_label_job(config: LabelJobConfig) -> LabelSummary:
     started = time.monotonic()
     preflight.check_label_job(config)  # INPUT and OUTPUT usable: nothing is written to OUTPUT otherwise
     folder = run_folder.RunFolder(config.output, config.storage_options)
-    model_uri, model_name, model_version = describe_model(config.model, config.storage_options)
+    model_uri, model_name, model_version = registry.describe_model(config.model, config.storage_options)
     settings = {**config.settings(), "model_version": model_version}
     run_id = run_folder.run_id_for(settings)
     run = {"run_id": run_id, "settings": settings, "model_name": model_name, "model_version": model_version}
@@ -195,32 +194,6 @@ def chunk_tables(rows: Mapping[str, np.ndarray], run: dict, metadata: dict) -> t
         stacked("pose_keypoints", (17, 3)), stacked("pose_scores", ()), stacked("pose_boxes", (4,)),
         run["run_id"], run["model_name"], run["model_version"], metadata)
     return images, poses
-
-
-def describe_model(model: str, storage_options: Mapping | None = None) -> tuple[str, str, str]:
-    """(URI the actors load, model name, model version).
-
-    models:/NAME@ALIAS is pinned to the version the alias points at now, so a promotion during the run does
-    not mix models. A checkpoint file: name and version from its metadata ("name", "version") when present,
-    else the file's stem and the first 12 hex digits of its SHA-256.
-    """
-    if model.startswith("models:/"):
-        from pipelines import registry, tracking
-
-        version = registry.get_version(tracking.client(), model)
-        return f"models:/{version.name}/{version.version}", version.name, str(version.version)
-    import hashlib
-    import io
-
-    from simplepose.checkpoint import load_checkpoint
-
-    with errors.about("MODEL", model, storage_options):  # store errors and bad files name the model URI
-        with storage.open_binary(model, storage_options) as f:
-            data = f.read()
-        _, _, metadata = load_checkpoint(io.BytesIO(data))
-    name = str(metadata.get("name") or os.path.splitext(os.path.basename(model.rstrip("/")))[0])
-    version = str(metadata.get("version") or hashlib.sha256(data).hexdigest()[:12])
-    return model, name, version
 
 
 def _summary(config: LabelJobConfig, folder: run_folder.RunFolder, manifest: dict, processed: int,
