@@ -2,14 +2,19 @@
 
 Connects to the Ray cluster in $RAY_ADDRESS (a RayJob or `ray job submit` sets it), else starts a local one.
 Re-running with the same `checkpoint.run_name` resumes. With an `evaluation` section (and `promote: true`)
-the job then evaluates the new model version and promotes it: the retraining chain.
+the job then evaluates the new model version and promotes it: the retraining chain. Endpoint and credentials of
+the data, init weights and checkpoints come from the standard settings (AWS_ENDPOINT_URL, AWS_PROFILE, ...) or
+--storage-option; they are never printed or logged.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
+
+from jobs.options import add_storage_option, storage_options
+from pipelines.ray_cluster import connect_ray
+from pipelines.train.config import load_train_config
+from pipelines.train.job import run_training
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,26 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides: optimizer.lr=1e-3 scaling.num_workers=2")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster started by this command")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_storage_option(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.train.config import load_train_config
-
+    options = storage_options(args)
     config = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                       ("RAY_BACKEND_LOG_LEVEL", "fatal")):
-        os.environ.setdefault(key, value)  # before Ray starts, so its workers inherit them (Ray auth, MLflow telemetry)
-    import ray
-
-    from pipelines.train.job import run_training
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)
-    result = run_training(config)
+    with connect_ray(num_cpus=args.num_cpus):
+        result = run_training(config, storage_options=options)
     summary = {"run_id": result.run_id, "model_version": result.model_version,
                "checkpoint": result.checkpoint_uri, "metrics": result.metrics}
     if result.evaluation is not None:

@@ -15,6 +15,7 @@ import posixpath
 import time
 from collections.abc import Iterator, Mapping
 
+import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
@@ -466,3 +467,10 @@ def open_binary(uri: str, storage_options: Mapping[str, object] | None = None) -
     """An open binary file object for reading `uri` (caller closes it)."""
     fs, path = filesystem(uri, storage_options)
     return fs.open(path, "rb")
+
+
+def arrow_filesystem(uri: str, storage_options: Mapping[str, object] | None = None):
+    """(pyarrow filesystem, path without protocol) for `uri`: `filesystem`'s fsspec filesystem (the same endpoint,
+    credentials and S3 retries) wrapped for pyarrow users, e.g. Ray Train's `RunConfig(storage_filesystem=...)`."""
+    fs, path = filesystem(uri, storage_options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

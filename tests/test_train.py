@@ -1,9 +1,12 @@
 """Ray Train integration: 2 CPU workers (gloo DDP, bf16 autocast) train a tiny IMHN on coco-mini read from a
-real loopback S3 server, checkpoint to S3, log to a real SQLite MLflow store, register the model; re-running
-the run name resumes from the checkpoint. Each `fit()` costs ~20 s of Ray overhead: two fits."""
+real loopback S3 server through storage options, checkpoint to S3, log to a real SQLite MLflow store (never the
+options), register the model; re-running the run name resumes from the checkpoint. Each `fit()` costs ~20 s of
+Ray overhead: two fits. Fine-tuning weights read through storage options: no Ray."""
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import boto3
 import fsspec
@@ -11,9 +14,11 @@ import pytest
 import torch
 
 from pipelines import registry, tracking
-from pipelines.train.loop import STATE_FILE
 from pipelines.train.config import load_train_config
 from pipelines.train.job import run_training
+from pipelines.train.loop import STATE_FILE, set_up
+from simplepose.checkpoint import save_checkpoint
+from simplepose.model import IMHN
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +46,26 @@ def tiny_config(bucket: str, tmp_path, run_name: str, epochs: int):
         "tracking.experiment=test-train", "tracking.registered_model=tiny-imhn", "tracking.log_every_steps=1"])
 
 
-def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_bucket, tmp_path):
+def test_init_weights_are_read_through_storage_options(s3_endpoint, coco_bucket, tmp_path, monkeypatch):
+    """With no endpoint in the environment, `checkpoint.init_from` on S3 is reachable only through the options."""
+    config = tiny_config(coco_bucket, tmp_path, "init", epochs=1)
+    torch.manual_seed(123)  # other weights than set_up's seeded ones
+    source = IMHN.from_config(config.model)
+    save_checkpoint(source, tmp_path / "init.pt")
+    uri = f"s3://{coco_bucket}/init/imhn.pt"
+    fsspec.filesystem("s3", endpoint_url=s3_endpoint).put(str(tmp_path / "init.pt"), uri)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    worker = set_up(config, rank=0, world=1, device=torch.device("cpu"), init_from=uri,
+                    storage_options={"endpoint_url": s3_endpoint})
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(worker.model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_bucket, s3_endpoint, tmp_path):
     run_name = f"tiny-{uuid.uuid4().hex[:8]}"
-    first = run_training(tiny_config(coco_bucket, tmp_path, run_name, epochs=3))
+    secret = f"secret-{uuid.uuid4().hex}"  # the loopback server takes any credentials
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": secret}
+    first = run_training(tiny_config(coco_bucket, tmp_path, run_name, epochs=3), storage_options=options)
     client = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
     losses = [m.value for m in sorted(client.get_metric_history(first.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) == 6  # 3 epochs x 2 steps, logged by rank 0 only
@@ -57,9 +79,15 @@ def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_buck
     assert run.data.tags["data.annotations_version"] != "unknown"
     for metric in ("lr", "images_per_s", "loss_scale0", "loss_scale4", "epoch_loss"):
         assert metric in run.data.metrics
+    # The storage options reached every read and write, and are logged nowhere: params, tags, config artifact.
+    logged = json.dumps([run.data.params, run.data.tags, first.metrics], default=str)
+    config_file = client.download_artifacts(first.run_id, "config/train_config.json", str(tmp_path))
+    with open(config_file) as handle:
+        logged += handle.read()
+    assert secret not in logged and "storage_options" not in logged
 
     # The same run name with more epochs resumes: epoch, step, optimizer state and the same MLflow run.
-    second = run_training(tiny_config(coco_bucket, tmp_path, run_name, epochs=4))
+    second = run_training(tiny_config(coco_bucket, tmp_path, run_name, epochs=4), storage_options=options)
     assert second.run_id == first.run_id and second.model_version == "2"
     assert (second.metrics["start_epoch"], second.metrics["epoch"], second.metrics["step"]) == (3, 3, 8)
     resumed = [m.value for m in client.get_metric_history(first.run_id, "resumed_at_epoch")]
@@ -68,8 +96,20 @@ def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_buck
         state = torch.load(handle, weights_only=True)
     assert state["epoch"] == 3 and state["step"] == 8
     assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint)
+    stored = fs.find(f"{coco_bucket}/runs/{run_name}")
+    assert stored and not any(secret.encode() in fs.cat_file(path) for path in stored)  # nor in Ray's files
     # The registered checkpoint loads by alias.
     path = registry.resolve_model_uri("models:/tiny-imhn@candidate", tracking_uri=client.tracking_uri,
                                       cache_dir=str(tmp_path / "cache"))
     from simplepose.checkpoint import load_model
     assert load_model(path).config.stacks == 1
+
+
+def test_train_command_takes_storage_options_and_never_prints_them(capsys):
+    from jobs.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "coco_mini_cpu.yaml")
+    assert main(["train", config, "--storage-option", "secret=s3cr3t-value", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and json.loads(out)["data"]["annotations"]

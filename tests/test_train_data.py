@@ -1,7 +1,12 @@
 """Training data loader (pipelines.train.data): batches built whole by `__getitems__`, equal to the samples one
-by one, deterministic per (seed, epoch, index), the same through worker processes."""
+by one, deterministic per (seed, epoch, index), the same through worker processes; read from S3 through the
+caller's storage options."""
 from __future__ import annotations
 
+import uuid
+
+import boto3
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -41,3 +46,22 @@ def test_loader_yields_whole_batches(samples, workers):
     first = np.concatenate([b[0].numpy() for b in batches])
     again = np.concatenate([b[0].numpy() for b in make_loader(samples, 0, 128, 3, 0, 1, workers)])
     np.testing.assert_array_equal(first, again)  # deterministic per (seed, epoch, index)
+
+
+def test_annotations_and_images_are_read_through_storage_options(s3_endpoint, samples, coco_mini,
+                                                                 coco_mini_annotations, monkeypatch):
+    """With no endpoint in the environment, the loopback S3 server is reachable only through the options."""
+    bucket = f"train-data-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    names = {sample.file_name for sample in samples.samples}
+    fsspec.filesystem("s3", endpoint_url=s3_endpoint).pipe(
+        {f"{bucket}/annotations.json": coco_mini_annotations.read_bytes(),
+         **{f"{bucket}/train2017/{name}": (coco_mini / "train2017" / name).read_bytes() for name in names}})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    on_s3 = CocoKeypointSamples(f"s3://{bucket}/annotations.json", f"s3://{bucket}/train2017/",
+                                AugmentConfig(crop_size=128), max_samples=6,
+                                storage_options={"endpoint_url": s3_endpoint})
+    assert [s.file_name for s in on_s3.samples] == [s.file_name for s in samples.samples]
+    for got, expected in zip(on_s3.for_epoch(1, 128).__getitems__([4, 0, 2]),
+                             samples.for_epoch(1, 128).__getitems__([4, 0, 2])):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

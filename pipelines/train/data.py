@@ -3,7 +3,9 @@
 Each Ray Train worker reads the annotation JSON once, lists the samples as the authors do (one per main
 person, every other person included, crowd and unannotated persons masked: `simplepose.coco`), and feeds
 its shard (a `DistributedSampler`) through `loader_workers` processes that fetch, decode, augment and render
-targets, so the accelerator never waits. No offline HDF5 step: images are read from `images/<file_name>`.
+targets, so the accelerator never waits. No offline HDF5 step: images are read from `images/<file_name>`, a
+batch's images together (`pipelines.storage.read_objects`: concurrent, transient errors retried). Every read goes
+through `pipelines.storage` with the caller's `storage_options` (endpoint, credentials; never logged).
 Augmentation draws come from a generator seeded by (seed, epoch, sample index), so a sample's augmentation
 does not depend on the number of workers or on a restart.
 """
@@ -13,13 +15,14 @@ import ctypes
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 
 import cv2
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pipelines import storage
 from simplepose.augment import AugmentConfig, SourceImage
 from simplepose.coco import image_masks, load_coco, training_samples
 from simplepose.samples import build_samples
@@ -32,11 +35,13 @@ class CocoKeypointSamples(Dataset):
     """Item i = (image uint8 (S,S,3) BGR, mask float32 (1,S/4,S/4), targets float32 (50,S/4,S/4)) of training
     sample i, augmented for `epoch` at crop size S = augment_config.crop_size; `__getitems__` builds a batch of
     them as (B, ...) tensors. The training loop makes the images float on its device
-    (`simplepose.model.network_input`)."""
+    (`simplepose.model.network_input`). `storage_options`: fsspec options of both URIs (endpoint, credentials)."""
 
     def __init__(self, annotations: str, images: str, augment_config: AugmentConfig = AugmentConfig(),
-                 target_config: TargetConfig = TargetConfig(), seed: int = 0, max_samples: int | None = None):
-        with fsspec.open(annotations, "rb") as handle:
+                 target_config: TargetConfig = TargetConfig(), seed: int = 0, max_samples: int | None = None,
+                 storage_options: Mapping[str, object] | None = None):
+        self.storage_options = dict(storage_options or {})
+        with storage.open_binary(annotations, self.storage_options) as handle:
             self.coco = load_coco(json.load(handle))
         self.samples = training_samples(self.coco)[:max_samples]
         if not self.samples:
@@ -44,31 +49,26 @@ class CocoKeypointSamples(Dataset):
                              f"keypoints and area >= 32x32)")
         self.images = images.rstrip("/")
         self.augment_config, self.target_config, self.seed, self.epoch = augment_config, target_config, seed, 0
-        self._fs = None  # opened lazily in each process (fsspec clients are not shared across a fork)
         LOG.info("%d training samples from %d images of %s", len(self.samples), len(self.coco.imgs), annotations)
 
     def for_epoch(self, epoch: int, crop_size: int) -> CocoKeypointSamples:
         """A view of the same samples augmented for `epoch` at `crop_size` (shares the annotation index)."""
         view = object.__new__(CocoKeypointSamples)
-        view.__dict__.update(self.__dict__, epoch=epoch, _fs=None,
+        view.__dict__.update(self.__dict__, epoch=epoch,
                              augment_config=dataclasses.replace(self.augment_config, crop_size=crop_size))
         return view
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, file_name: str) -> np.ndarray:
-        if self._fs is None:
-            self._fs, self._root = fsspec.core.url_to_fs(self.images)
-        uri = f"{self.images}/{file_name}"
-        try:
-            blob = self._fs.cat_file(f"{self._root}/{file_name}")
-            image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR) if blob else None
-        except (OSError, cv2.error) as error:
-            raise ValueError(f"training image {uri} could not be read: {error}") from error
-        if image is None:
-            raise ValueError(f"training image {uri} is not a decodable image")
-        return image
+    def _read_images(self, file_names: list[str]) -> list[np.ndarray]:
+        """The BGR images `images/<file_name>`, each distinct object fetched once, all of them together."""
+        uris = [f"{self.images}/{name}" for name in file_names]
+        distinct = list(dict.fromkeys(uris))  # an image with several main persons is in a batch more than once
+        # storage.filesystem, under read_objects, gets fsspec's instance for this process (fsspec keys its cache by
+        # process id, so a DataLoader worker forked from the Ray worker makes its own client)
+        blobs = dict(zip(distinct, storage.read_objects(distinct, self.storage_options)))
+        return [_decode(uri, blobs[uri]) for uri in uris]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(batch[0] for batch in self.__getitems__([index]))
@@ -76,14 +76,27 @@ class CocoKeypointSamples(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A whole batch at once (torch's DataLoader calls this with a batch's indices): the targets of all its
         samples are rendered together, straight into the batch tensors (no collate copy; see `make_loader`)."""
-        items, rngs = [], []
-        for index in indices:
-            sample = self.samples[index]
-            items.append((SourceImage.from_arrays(self._read(sample.file_name),
-                                                  *image_masks(self.coco, sample.image_id)), sample))
-            rngs.append(np.random.default_rng([self.seed, self.epoch, index]))
+        samples = [self.samples[index] for index in indices]
+        images = self._read_images([sample.file_name for sample in samples])
+        items = [(SourceImage.from_arrays(image, *image_masks(self.coco, sample.image_id)), sample)
+                 for image, sample in zip(images, samples)]
+        rngs = [np.random.default_rng([self.seed, self.epoch, index]) for index in indices]
         images, masks, targets = build_samples(items, rngs, self.augment_config, self.target_config)
         return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(targets)
+
+
+def _decode(uri: str, blob: bytes | BaseException) -> np.ndarray:
+    """The BGR image in `blob` (what `storage.read_objects` returned for `uri`); a ValueError naming `uri` when
+    it could not be read or decoded."""
+    if isinstance(blob, BaseException):
+        raise ValueError(f"training image {uri} could not be read: {blob}") from blob
+    try:
+        image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR) if blob else None
+    except cv2.error as error:
+        raise ValueError(f"training image {uri} could not be read: {error}") from error
+    if image is None:
+        raise ValueError(f"training image {uri} is not a decodable image")
+    return image
 
 
 def tune_malloc(threshold: int = 64 << 20) -> bool:

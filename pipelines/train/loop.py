@@ -1,12 +1,36 @@
-"""Data-parallel mixed-precision training of the IMHN with Ray Train (V2 API), tracked in MLflow.
+"""The Ray Train worker function of the training job (`pipelines.train.job.run_training` starts it on every worker).
 
-Driver (`run_training`): opens or resumes the MLflow run of the Ray run name, starts a `TorchTrainer`
-(DDP: NCCL on GPUs, gloo on CPUs), then logs the final checkpoint, registers it as a model version with alias
-`candidate`, and optionally evaluates and promotes it (the retraining chain).
-Workers (`train_loop`): staged schedule (docs/method.md §7), SGD with per-iteration LR (scaled by world size, warm-up,
-x0.2 steps), AMP (fp16 + GradScaler or bf16 autocast), optional SyncBN, a checkpoint every epoch to the run's
-storage. A restarted worker group (FailureConfig) or a re-run of the same run name resumes from the latest
-checkpoint: weights, optimizer, scaler, epoch and step.
+`train_loop` reads top-down:
+
+    checkpoint = ray.train.get_checkpoint()           # this run name's latest checkpoint, None on a fresh start
+    worker = set_up(config, ...)                      # device, seeded IMHN (+ fine-tuning weights), optimizer, scaler
+    start_epoch, step = resume(worker, checkpoint)    # weights, optimizer, scaler, epoch and step
+    ddp_model = ray.train.torch.prepare_model(...)    # DDP wrap
+    for epoch in range(start_epoch, total_epochs):
+        metrics, step = train_epoch(...)              # train_step per batch, rank 0 logs to MLflow
+        report_epoch(...)                             # metrics to Ray Train, rank 0's checkpoint to the run's storage
+
+The recipe: staged schedule (docs/method.md §7), SGD (or Adam) with a per-iteration LR (scaled by world size,
+warm-up, x0.2 steps), AMP (fp16 + GradScaler or bf16 autocast), optional SyncBN, a checkpoint every epoch. A
+restarted worker group (FailureConfig) or a re-run of the same run name resumes from the latest checkpoint.
+
+Where the CPU waits for the GPU. CUDA kernels are queued asynchronously; the CPU waits only where it needs a value
+back or hands bytes on. Each is marked `# sync:` in the code. Per step:
+1. `multitask_loss` returns the per-scale losses as Python floats (`.tolist()`): the CPU waits for the forward and
+   the loss. The skip rule needs the total's value anyway, and the per-scale values are logged.
+2. `skip_on_every_rank`: the skip flag is all-reduced and read back (`.item()`): every rank waits for every other
+   rank's forward. The ranks must agree before DDP's gradient all-reduce (a lone skip would hang the others).
+3. fp16 only: `GradScaler.step` reads whether the gradients hold inf/NaN before it steps (`.item()` inside torch):
+   the CPU waits for the backward.
+Per epoch: the checkpoint (`save_state` copies the weights to the CPU: it waits for the last step) and
+`ray.train.report` (a barrier of all ranks, then the upload). The host-to-device copies of a batch do not wait
+(pinned memory, `non_blocking`), and the LR, the logged numbers and images/s are computed on the CPU from values
+it already has. Rank 0's MLflow writes are not GPU waits, but they stall rank 0, and the other ranks wait for it
+at the next step's all-reduce.
+
+Ray is imported inside the functions that run on Ray workers, not at the top: `simplepose train` imports this module
+before `pipelines.ray_cluster.connect_ray` has applied Ray's environment settings (QUIET_ENV), which Ray reads when
+it is imported.
 """
 from __future__ import annotations
 
@@ -15,21 +39,26 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipelines import registry, tracking
+from pipelines import registry, storage, tracking
 from pipelines.train.config import OptimizerConfig, TrainConfig, config_from_dict
 from pipelines.train.data import CocoKeypointSamples, make_loader
 from simplepose.checkpoint import load_checkpoint, save_checkpoint
-from simplepose.loss import multitask_loss
+from simplepose.loss import LossConfig, multitask_loss
 from simplepose.model import IMHN, network_input
 
 LOG = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"  # weights + optimizer + scaler + epoch + step + config (resume)
+
+STORAGE_OPTIONS = "storage_options"
+"""The loop config's key for the fsspec options of the data and the init weights. They travel to the workers
+beside the config, never inside it: the config is logged to MLflow, the options never are."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,8 @@ class TrainResult:
     evaluation: object | None = None
     promotion: object | None = None
 
+
+# ---- the recipe's pieces ---------------------------------------------------------------------------------------
 
 def learning_rate(config: TrainConfig, stage_epoch: int, step: int, iters: int, world_size: int) -> float:
     """LR of one iteration (docs/method.md §7): base (x world size) * gamma^(stage_epoch // step_epochs), times the
@@ -78,13 +109,15 @@ def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.
 def save_state(path: str | os.PathLike, model: IMHN, optimizer, scaler, epoch: int, step: int,
                config: TrainConfig) -> None:
     """Everything a resumed run needs, as plain tensors and numbers (loadable with weights_only=True)."""
+    # sync: `.cpu()` of every weight waits for the GPU to finish the epoch's last step.
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "config": config.to_dict()}, path)
 
 
 def load_state(path: str | os.PathLike, model: IMHN, optimizer, scaler) -> tuple[int, int]:
-    """Restore `save_state`'s file into model/optimizer/scaler; returns (next epoch, global step)."""
+    """Restore `save_state`'s file into model/optimizer/scaler; returns (next epoch, global step). The optimizer's
+    state goes to the device its parameters are on."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -92,122 +125,179 @@ def load_state(path: str | os.PathLike, model: IMHN, optimizer, scaler) -> tuple
     return state["epoch"] + 1, state["step"]
 
 
-def _init_weights(model: IMHN, uri: str, tracking_uri: str) -> None:
-    """Fine-tuning start: copy weights from our/the authors' checkpoint or a models:/ URI (same architecture)."""
-    import fsspec
+# ---- the worker function ---------------------------------------------------------------------------------------
 
-    with fsspec.open(registry.resolve_model_uri(uri, tracking_uri=tracking_uri), "rb") as handle:
+@dataclass(frozen=True)
+class Worker:
+    """What one Ray Train worker trains with (`set_up`). `model` is the module that DDP wraps (SyncBN-converted on
+    multi-GPU runs); checkpoints are written from it."""
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # None: fp32, no autocast
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train worker function. loop_config: {"config": TrainConfig.to_dict(), "run_id", "tracking_uri",
+    STORAGE_OPTIONS: fsspec options of the data and the init weights (may be absent)}."""
+    import ray.train  # here, not at the top: see the module docstring
+    import ray.train.torch
+
+    config = config_from_dict(TrainConfig, loop_config["config"])
+    options = loop_config.get(STORAGE_OPTIONS) or {}
+    context = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    worker = set_up(config, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                    init_from=None if checkpoint is not None else config.checkpoint.init_from,
+                    tracking_uri=loop_config["tracking_uri"], storage_options=options)
+    start_epoch, step = resume(worker, checkpoint) if checkpoint is not None else (0, 0)
+    ddp_model = ray.train.torch.prepare_model(worker.model)  # DDP wrap; its broadcast carries the loaded weights
+    logger = None
+    if worker.rank == 0:
+        logger = tracking.MetricLogger(tracking.client(loop_config["tracking_uri"]), loop_config["run_id"])
+        logger.log({"resumed_at_epoch": start_epoch}, step=step)
+    data = config.data
+    samples = CocoKeypointSamples(data.annotations, data.images, config.augment, config.targets, data.seed,
+                                  data.max_samples, storage_options=options)
+    for epoch in range(start_epoch, config.total_epochs):
+        metrics, step = train_epoch(worker, ddp_model, samples, epoch, step, logger)
+        report_epoch(worker, {**metrics, "start_epoch": start_epoch}, logger)
+
+
+def set_up(config: TrainConfig, rank: int, world: int, device: torch.device, init_from: str | None = None,
+           tracking_uri: str | None = None, storage_options: Mapping[str, object] | None = None) -> Worker:
+    """The worker's model (seeded, so identical on every rank; DDP also broadcasts it), optionally initialised from
+    `init_from`, on `device`; its optimizer, autocast dtype and GradScaler."""
+    torch.backends.cudnn.benchmark = True  # fixed input sizes per stage, as the authors ran
+    torch.manual_seed(config.data.seed)  # identical initial weights on every rank
+    model = IMHN.from_config(config.model)
+    if init_from:
+        _init_weights(model, init_from, tracking_uri, storage_options)
+    if config.precision.sync_bn and world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # On the device before the optimizer exists: a resumed optimizer state is then restored onto the device of the
+    # parameters (`load_state`), not left on the CPU beside CUDA parameters.
+    model = model.to(device)
+    amp_dtype, use_scaler = precision(config.precision.amp, device)
+    return Worker(config, rank, world, device, model, make_optimizer(model, config.optimizer),
+                  torch.amp.GradScaler(device.type, enabled=use_scaler), amp_dtype)
+
+
+def _init_weights(model: IMHN, uri: str, tracking_uri: str | None,
+                  storage_options: Mapping[str, object] | None = None) -> None:
+    """Fine-tuning start: copy weights from our/the authors' checkpoint or a models:/ URI (same architecture)."""
+    with storage.open_binary(registry.resolve_model_uri(uri, tracking_uri=tracking_uri), storage_options) as handle:
         config, state, _ = load_checkpoint(handle)
     if config != model.config:
         raise ValueError(f"checkpoint.init_from {uri} holds {config}, but the run trains {model.config}")
     model.load_state_dict(state)
 
 
-def train_loop(loop_config: dict) -> None:
-    """Ray Train worker function. loop_config: {"config": TrainConfig.to_dict(), "run_id", "tracking_uri"}."""
-    import ray.train
-    import ray.train.torch
+def resume(worker: Worker, checkpoint) -> tuple[int, int]:
+    """(next epoch, global step) of Ray Train's `checkpoint`, whose state is loaded into the worker's model,
+    optimizer and scaler."""
+    # Each rank downloads into its own folder: ranks sharing Ray's temporary one can read a file while another rank
+    # downloads it again (ray-project/ray#48726; seen here as a corrupt-zip error on resume).
+    with tempfile.TemporaryDirectory(prefix=f"resume-rank{worker.rank}-") as folder:
+        start_epoch, step = load_state(Path(checkpoint.to_directory(folder)) / STATE_FILE, worker.model,
+                                       worker.optimizer, worker.scaler)
+    LOG.info("rank %d resumed at epoch %d, step %d", worker.rank, start_epoch, step)
+    return start_epoch, step
 
-    config = config_from_dict(TrainConfig, loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.backends.cudnn.benchmark = True  # fixed input sizes per stage, as the authors ran
-    torch.manual_seed(config.data.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = IMHN.from_config(config.model)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.checkpoint.init_from:
-        _init_weights(model, config.checkpoint.init_from, loop_config["tracking_uri"])
-    if config.precision.sync_bn and world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(model, config.optimizer)
-    amp_dtype, use_scaler = precision(config.precision.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, step = 0, 0
-    if checkpoint is not None:
-        # Each rank downloads into its own folder: ranks sharing Ray's temporary one can read a file while
-        # another rank downloads it again (ray-project/ray#48726; seen here as a corrupt-zip error on resume).
-        with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
-            start_epoch, step = load_state(Path(checkpoint.to_directory(folder)) / STATE_FILE, model, optimizer,
-                                           scaler)
-        LOG.info("rank %d resumed at epoch %d, step %d", rank, start_epoch, step)
-    ddp_model = ray.train.torch.prepare_model(model)  # to the device, DDP wrap (weights loaded before)
-    logger = None
-    if rank == 0:
-        logger = tracking.MetricLogger(tracking.client(loop_config["tracking_uri"]), loop_config["run_id"])
-        logger.log({"resumed_at_epoch": start_epoch}, step=step)
+
+def train_epoch(worker: Worker, ddp_model: torch.nn.Module, samples: CocoKeypointSamples, epoch: int, step: int,
+                logger: tracking.MetricLogger | None) -> tuple[dict, int]:
+    """One epoch of this rank's shard: (the epoch's metrics, the global step after it). Rank 0 (the one with a
+    `logger`) logs its batch loss every `tracking.log_every_steps` steps and at the epoch's last step."""
+    config, world = worker.config, worker.world
+    stage, stage_epoch = config.stage_at(epoch)
     data = config.data
-    samples = CocoKeypointSamples(data.annotations, data.images, config.augment, config.targets, data.seed,
-                                  data.max_samples)
-    for epoch in range(start_epoch, config.total_epochs):
-        stage, stage_epoch = config.stage_at(epoch)
-        loader = make_loader(samples, epoch, stage.input_size, config.batch_size, rank, world,
-                             data.loader_workers, data.prefetch_factor, data.seed)
-        iters = min(len(loader), config.max_steps_per_epoch or len(loader))
-        if iters == 0:
-            raise ValueError(f"train_loop: no full batch of {config.batch_size} for rank {rank}/{world}")
-        ddp_model.train()
-        totals, epoch_start = [], time.perf_counter()
-        for i, (images, masks, targets) in enumerate(loader):
-            if i >= iters:
-                break
-            lr = learning_rate(config, stage_epoch, i, iters, world)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, masks, targets = (t.to(device, non_blocking=True) for t in (images, masks, targets))
-            images = network_input(images)  # uint8 crops become float here, on the device
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                predictions = ddp_model(images)
-            loss, per_scale = multitask_loss(predictions, targets, masks, stage.loss)
-            optimizer.zero_grad(set_to_none=True)
-            if _skip(loss, config.precision.skip_loss_above, world, device):
-                LOG.warning("rank %d skips step %d: loss %.4g", rank, step, float(loss))
-                continue
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            totals.append(float(loss.detach()))
-            if logger and (step % config.tracking.log_every_steps == 0 or i == iters - 1):
-                elapsed = time.perf_counter() - epoch_start
-                # rank 0's batch loss; epoch_loss is its mean over the epoch
-                logger.log({"loss": totals[-1], "lr": lr, **{f"loss_scale{j}": v for j, v in enumerate(per_scale)},
-                            "images_per_s": config.batch_size * world * (i + 1) / elapsed},
-                           step=step)
-                logger.flush()
-        seconds = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch, "stage": stage.name, "step": step, "start_epoch": start_epoch,
-                   "epoch_loss": sum(totals) / max(len(totals), 1),
-                   "epoch_images_per_s": config.batch_size * world * len(totals) / seconds}
-        if logger:
-            logger.log({k: v for k, v in metrics.items() if k not in ("stage", "step", "start_epoch")}, step=step)
+    loader = make_loader(samples, epoch, stage.input_size, config.batch_size, worker.rank, world,
+                         data.loader_workers, data.prefetch_factor, data.seed)
+    iters = min(len(loader), config.max_steps_per_epoch or len(loader))
+    if iters == 0:
+        raise ValueError(f"train_loop: no full batch of {config.batch_size} for rank {worker.rank}/{world}")
+    ddp_model.train()
+    losses, epoch_start = [], time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i >= iters:
+            break
+        lr = learning_rate(config, stage_epoch, i, iters, world)
+        loss, per_scale, skipped = train_step(worker, ddp_model, batch, lr, stage.loss)
+        if skipped:
+            LOG.warning("rank %d skips step %d: loss %.4g", worker.rank, step, loss)
+            continue
+        step += 1
+        losses.append(loss)
+        if logger and (step % config.tracking.log_every_steps == 0 or i == iters - 1):
+            elapsed = time.perf_counter() - epoch_start
+            # rank 0's batch loss; epoch_loss is its mean over the epoch
+            logger.log({"loss": loss, "lr": lr, **{f"loss_scale{j}": v for j, v in enumerate(per_scale)},
+                        "images_per_s": config.batch_size * world * (i + 1) / elapsed}, step=step)
             logger.flush()
-        _report(metrics, model if rank == 0 else None, optimizer, scaler, epoch, step, config)
+    seconds = time.perf_counter() - epoch_start
+    metrics = {"epoch": epoch, "stage": stage.name, "step": step, "epoch_loss": sum(losses) / max(len(losses), 1),
+               "epoch_images_per_s": config.batch_size * world * len(losses) / seconds}
+    return metrics, step
 
 
-def _skip(loss: torch.Tensor, limit: float | None, world: int, device: torch.device) -> bool:
+def train_step(worker: Worker, ddp_model: torch.nn.Module, batch, lr: float,
+               loss_config: LossConfig) -> tuple[float, list[float], bool]:
+    """One optimizer step on `batch` (images uint8, masks, targets) at `lr`: (this rank's loss, its per-scale
+    losses, skipped). A skipped step (`skip_on_every_rank`) has no backward and no optimizer or scaler update."""
+    for group in worker.optimizer.param_groups:
+        group["lr"] = lr
+    images, masks, targets = (t.to(worker.device, non_blocking=True) for t in batch)
+    images = network_input(images)  # uint8 crops become float here, on the device
+    with torch.autocast(worker.device.type, dtype=worker.amp_dtype or torch.float32,
+                        enabled=worker.amp_dtype is not None):
+        predictions = ddp_model(images)
+    # sync: the per-scale losses come back as Python floats, so the CPU waits here for the forward and the loss.
+    loss, per_scale = multitask_loss(predictions, targets, masks, loss_config)
+    worker.optimizer.zero_grad(set_to_none=True)
+    # Read once, before the backward: this is also the value logged and averaged (read after the optimizer step,
+    # it would make the CPU wait for the backward as well).
+    value = float(loss.detach())
+    if skip_on_every_rank(value, worker.config.precision.skip_loss_above, worker.world, worker.device):
+        return value, per_scale, True
+    worker.scaler.scale(loss).backward()
+    worker.scaler.step(worker.optimizer)  # sync (fp16 only): reads the inf/NaN check of the gradients first
+    worker.scaler.update()
+    return value, per_scale, False
+
+
+def skip_on_every_rank(loss: float, limit: float | None, world: int, device: torch.device) -> bool:
     """Skip the step on every rank together when any rank's loss is not finite or above `limit`
     (a lone skip would leave the other ranks waiting in DDP's gradient all-reduce)."""
-    value = float(loss.detach())
-    bad = torch.tensor([0.0 if math.isfinite(value) and (limit is None or value <= limit) else 1.0],
-                       device=device)
+    bad = torch.tensor([0.0 if math.isfinite(loss) and (limit is None or loss <= limit) else 1.0], device=device)
     if world > 1:
         torch.distributed.all_reduce(bad)
+    # sync: the all-reduced flag is read back, so every rank waits for all ranks' forwards (a cross-rank barrier).
     return bool(bad.item() > 0)
 
 
-def _report(metrics: dict, model: IMHN | None, optimizer, scaler, epoch: int, step: int,
-            config: TrainConfig) -> None:
-    """Every rank reports; rank 0 (the one given `model`) attaches the checkpoint folder."""
-    import ray.train
+def report_epoch(worker: Worker, metrics: dict, logger: tracking.MetricLogger | None) -> None:
+    """The epoch's metrics: to MLflow from rank 0 (`logger`), to Ray Train from every rank; rank 0 attaches the
+    checkpoint (`STATE_FILE` for resuming, `registry.MODEL_FILE` to evaluate) that Ray uploads to the run's storage."""
+    import ray.train  # here, not at the top: see the module docstring
 
+    epoch, step = metrics["epoch"], metrics["step"]
+    if logger:
+        logger.log({k: v for k, v in metrics.items() if k not in ("stage", "step", "start_epoch")}, step=step)
+        logger.flush()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if model is not None:
-            save_state(Path(folder) / STATE_FILE, model, optimizer, scaler, epoch, step, config)
-            save_checkpoint(_unwrap(model), Path(folder) / registry.MODEL_FILE,
+        if worker.rank == 0:
+            save_state(Path(folder) / STATE_FILE, worker.model, worker.optimizer, worker.scaler, epoch, step,
+                       worker.config)
+            save_checkpoint(_unwrap(worker.model), Path(folder) / registry.MODEL_FILE,
                             {"epoch": epoch, "step": step, "stage": metrics["stage"]})
             checkpoint = ray.train.Checkpoint.from_directory(folder)
+        # sync: a barrier of all ranks, then rank 0's upload; every rank waits for it before the next epoch.
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
