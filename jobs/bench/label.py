@@ -206,8 +206,6 @@ def _model(args: argparse.Namespace, folder: Path) -> str:
 
 def _forward_fill(forward_batch, status, forward_batch_size: int) -> float:
     """Mean images per forward / forward batch size, from each row's `forward_batch` (images sharing it)."""
-    import numpy as np
-
     shared = np.asarray(forward_batch, np.float64)[np.asarray(status) == "ok"]
     if not len(shared):
         return float("nan")
@@ -217,8 +215,6 @@ def _forward_fill(forward_batch, status, forward_batch_size: int) -> float:
 
 def _bare(config, model_uri: str, slices: list[dict]) -> dict[str, float]:
     """CPU seconds per image of each stage called directly in this process (no Ray), on the first slices."""
-    import numpy as np
-
 
     batch = {name: np.asarray([s[name] for s in slices], dtype=object) for name in ("chunk_uri", "start", "stop")}
     timings = {}
@@ -281,8 +277,6 @@ def _per_image(big: Measure, small: Measure, images: int) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    import numpy as np
-
 
     folder = Path(tempfile.mkdtemp(prefix="simplepose-bench-label-"))
     uris = _input_uris(args.input, args.images, folder)

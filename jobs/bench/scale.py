@@ -20,11 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jobs.bench.machine import describe_machine
+from pipelines import preflight, storage
+from pipelines.label import run_folder
+from pipelines.label.job import ChunkWriter
 
 PER_FOLDER = 1000  # objects per sub-folder of the generated prefix
 
@@ -60,15 +69,11 @@ def peak_rss_mb() -> float:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synthetic_batch(inputs, start: int, stop: int) -> dict:
     """Assembled rows (`pipelines.label.ROW_COLUMNS`) for input rows [start, stop): status ok, one person."""
-    import numpy as np
-
     n = stop - start
 
     def raw(value: bytes):  # np.full would turn bytes into np.bytes_ and drop trailing zero bytes
@@ -87,10 +92,6 @@ def synthetic_batch(inputs, start: int, stop: int) -> dict:
 
 
 def read_inputs(folder, chunk: int) -> dict:
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from pipelines import storage
 
     with storage.open_binary(folder.input_chunk_uri(chunk), folder.options) as f:
         table = pq.read_table(f)
@@ -101,10 +102,6 @@ def read_inputs(folder, chunk: int) -> dict:
 
 def warm_up(root: Path, batch: int) -> None:
     """The whole path once on 100 objects, so that imports and first calls are not counted in any N."""
-    from pipelines import storage
-    from pipelines.label import run_folder
-    from pipelines.label.job import ChunkWriter
-
     input_uri = str(generate(root, 100)) + "/"
     run = {"run_id": "warm", "settings": {}, "model_name": "bench", "model_version": "0"}
     folder = run_folder.RunFolder(str(root / "out-warm"))
@@ -119,10 +116,6 @@ def warm_up(root: Path, batch: int) -> None:
 
 
 def measure_one(n: int, root: Path, chunk_size: int, batch: int) -> dict:
-    from pipelines import preflight, storage
-    from pipelines.label import run_folder
-    from pipelines.label.job import ChunkWriter
-
     prefix = generate(root, n)
     warm_up(root, batch)
     input_uri = str(prefix) + "/"
@@ -181,7 +174,6 @@ def main(args: argparse.Namespace) -> int:
     if args.one is not None:
         print(json.dumps(measure_one(args.one, root, args.chunk_size, args.batch)))
         return 0
-    from jobs.bench.machine import describe_machine
 
     print(f"machine: {describe_machine()}")
     print(f"chunk size {args.chunk_size}, batches of {args.batch} rows, objects under {root}")
