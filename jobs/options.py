@@ -55,11 +55,13 @@ def shortcut_values(args: argparse.Namespace) -> dict[str, object]:
             if name.startswith(CONFIG_PREFIX)}
 
 
-def load_job_config(config_class: type, args: argparse.Namespace, values: dict | None = None, **secrets):
-    """`config_class` from --config, the shortcut flags (plus `values`), the dotted overrides and `secrets`
-    (fields set only in code, e.g. storage_options); prints it and exits when --print-config is given."""
-    config = load_config(config_class, args.config, args.overrides,
-                         values={**shortcut_values(args), **(values or {})}, secrets=secrets)
+def load_job_config(config_class: type, args: argparse.Namespace, values: dict | None = None, *,
+                    storage_options: dict | None = None, secrets: dict | None = None):
+    """`config_class` from --config (read with `storage_options`), `values` (e.g. positionals), the shortcut
+    flags, the dotted overrides and `secrets` (fields set only in code, e.g. storage_options); prints it and
+    exits when --print-config is given."""
+    config = load_config(config_class, args.config, args.overrides, values={**(values or {}), **shortcut_values(args)},
+                         secrets=secrets, storage_options=storage_options)
     if args.print_config:
         print(format_config(config))
         raise SystemExit(0)

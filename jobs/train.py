@@ -1,4 +1,5 @@
-"""`simplepose train CONFIG.yaml [section.key=value ...]`: Ray Train data-parallel AMP training of the IMHN.
+"""`simplepose train [CONFIG.yaml | --config CONFIG.yaml] [section.key=value ...]`: Ray Train data-parallel AMP
+training of the IMHN.
 
 Connects to the Ray cluster in $RAY_ADDRESS (a RayJob or `ray job submit` sets it), else starts a local one.
 Re-running with the same `checkpoint.run_name` resumes. With an `evaluation` section (and `promote: true`)
@@ -11,26 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.options import add_storage_option, storage_options
+from jobs.options import add_config_arguments, add_storage_option, load_job_config, storage_options
 from pipelines.ray_cluster import connect_ray
-from pipelines.train.config import load_train_config
+from pipelines.train.config import TrainConfig
 from pipelines.train.job import run_training
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="job config YAML (any fsspec URI), e.g. jobs/configs/coco_mini_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides: optimizer.lr=1e-3 scaling.num_workers=2")
+    add_config_arguments(parser, "the training config, e.g. optimizer.lr=1e-3 scaling.num_workers=2")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster started by this command")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_storage_option(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    # CONFIG.yaml may come first (`simplepose train CONFIG.yaml key=value ...`) or as --config.
+    if args.config is None and args.overrides and "=" not in args.overrides[0]:
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
     options = storage_options(args)
-    config = load_train_config(args.config, args.overrides)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
+    config = load_job_config(TrainConfig, args, storage_options=options)
     with connect_ray(num_cpus=args.num_cpus):
         result = run_training(config, storage_options=options)
     summary = {"run_id": result.run_id, "model_version": result.model_version,

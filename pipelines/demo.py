@@ -33,6 +33,7 @@ from pipelines.local_copy import copy_run_with_images
 from pipelines.ray_cluster import connect_ray
 from pipelines.render import render_run
 from pipelines.synthetic import broken_objects, sample_images
+from simplepose.checkpoint import load_checkpoint
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def run_demo(workdir: str, images: int = 8, model: str | None = None, boxsize: i
 def loopback_s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (free port) for the duration; AWS_ENDPOINT_URL and dummy credentials are
     set for this process (and the Ray workers it starts) and restored afterwards. Yields the endpoint URL."""
-    try:
+    try:  # deferred: moto is the optional `local` extra
         from moto.server import ThreadedMotoServer
     except ImportError as error:
         raise RuntimeError("simplepose demo needs the local stack: pip install 'simplepose[local]' "
@@ -132,8 +133,6 @@ def shipped_weights_path() -> Path:
 
 def shipped_metadata() -> dict:
     """The provenance stored in the shipped checkpoint (name, version, trained_on, command, good_for...)."""
-    from simplepose.checkpoint import load_checkpoint
-
     return load_checkpoint(shipped_weights_path())[2]
 
 

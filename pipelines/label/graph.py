@@ -4,6 +4,9 @@ Each stage is its own operator with its own resources (docs/architecture.md): re
 decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the default
 minimum pools take 0.5 + 1 + 0.25 CPUs and leave 0.25 for read tasks (a pool that takes every CPU makes Ray
 Data wait forever); pools grow only into CPUs that are free.
+
+Ray is imported inside the functions: the job imports this module before `pipelines.ray_cluster.connect_ray`
+has set Ray's environment (docs/architecture.md, "Ray and the stack").
 """
 from __future__ import annotations
 

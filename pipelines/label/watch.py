@@ -50,7 +50,7 @@ def waiting_stages(needs: Mapping[str, Mapping[str, float]]) -> str:
     node has that: largest CPU 2 total, 0.5 free)" for actors no node holds yet (no worker process, no
     address) and "decode: 1 actor starting" for placed ones whose constructor runs. Reads the actor table from
     the GCS (no dashboard / State API needed)."""
-    import ray
+    import ray  # deferred like every Ray import of the job: Ray's environment is set when it starts
     from ray._private import state
 
     job = ray.get_runtime_context().get_job_id()

@@ -186,6 +186,8 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ValueError(f"TrainConfig: {key} {reason}")
 
 
-def load_train_config(uri: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML job config (any URI; None = all defaults) and apply dotted overrides (`pipelines.config`)."""
-    return load_config(TrainConfig, uri, overrides)
+def load_train_config(uri: str | None, overrides: list[str] = (), storage_options: dict | None = None
+                      ) -> TrainConfig:
+    """Read a YAML job config (any URI, read with `storage_options`; None = all defaults) and apply dotted
+    overrides (`pipelines.config`)."""
+    return load_config(TrainConfig, uri, overrides, storage_options=storage_options)
