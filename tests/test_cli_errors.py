@@ -121,6 +121,7 @@ def test_s3_input_without_credentials_names_the_bucket(s3_endpoint, tmp_path, ti
     assert "bucket 'errors-none' does not exist" in no_bucket.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_writes_nothing_and_the_corrected_run_needs_no_overwrite(tmp_path, tiny_model, coco_mini,
                                                                            ray_cluster):
     images, output = tmp_path / "images", tmp_path / "out"

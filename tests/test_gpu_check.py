@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole GPU check (compile, training) in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "network", "precision", "label_stage", "training", "learning")
 

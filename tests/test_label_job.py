@@ -17,6 +17,8 @@ from pipelines.label import tables
 from pipelines.label.config import label_config
 from pipelines.label.job import run_label_job
 
+pytestmark = pytest.mark.slow  # labeling jobs on Ray, one in a subprocess
+
 N_IMAGES = 20
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error", "random.jpg": "decode_error",
           "notes.txt": "decode_error"}

@@ -22,6 +22,8 @@ from run_tables import assert_same_as_clean, tables_of
 from simplepose.checkpoint import save_checkpoint
 from simplepose.model import IMHN
 
+pytestmark = pytest.mark.slow  # every test runs jobs on a 3-node Ray cluster
+
 N_IMAGES = 38
 BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
 TOTAL = N_IMAGES + len(BROKEN)

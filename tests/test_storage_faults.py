@@ -89,6 +89,7 @@ def clean(store, ray_cluster):
     return images, poses
 
 
+@pytest.mark.slow
 def test_faults_on_listing_reads_freezing_and_part_writes_change_nothing(store, clean):
     fs, _, proxy = store
     # 10 % of every request (listings, object GETs and HEADs, PUTs of input and output parts) get a fault,
@@ -111,6 +112,7 @@ def test_faults_on_listing_reads_freezing_and_part_writes_change_nothing(store, 
     assert_same_as_clean(fs, "flt-out/faulty", clean, TOTAL)
 
 
+@pytest.mark.slow
 def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster):
     fs, _, proxy = store
     proxy.rules = [Rule("503", kinds=("get",), path=r"/cursed\.jpg$")]
@@ -128,6 +130,7 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     assert tries >= 2  # the read was retried
 
 
+@pytest.mark.slow
 def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_completes(store, clean):
     fs, _, proxy = store
     # every PUT of a poses part after the first (the second chunk to commit) is answered 500 InternalError
@@ -209,6 +212,7 @@ def kill_when(store, output: str, condition, command: list[str], timeout: float 
         job.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_driver_killed_between_a_chunks_poses_and_images_parts(store, clean, ray_cluster):
     fs, _, proxy = store
     out = "flt-out/killparts"
@@ -238,6 +242,7 @@ def test_driver_killed_between_a_chunks_poses_and_images_parts(store, clean, ray
     assert_same_as_clean(fs, "flt-out/killparts", clean, TOTAL)
 
 
+@pytest.mark.slow
 def test_driver_killed_while_freezing_the_input_list(store, clean, ray_cluster):
     fs, _, proxy = store
     out = "flt-out/killfreeze"

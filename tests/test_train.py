@@ -61,6 +61,7 @@ def test_init_weights_are_read_through_storage_options(s3_endpoint, coco_bucket,
         torch.testing.assert_close(worker.model.state_dict()[name], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_bucket, s3_endpoint, tmp_path):
     run_name = f"tiny-{uuid.uuid4().hex[:8]}"
     secret = f"secret-{uuid.uuid4().hex}"  # the loopback server takes any credentials
