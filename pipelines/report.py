@@ -312,7 +312,7 @@ def _thumbnail_cards(run_output: str, chosen: list[dict], size: int, max_pixels:
 
 def _charts(images: _ImageStats, poses: _PoseStats, threshold: float) -> dict[str, str] | None:
     """{name: PNG data URI}, or None without matplotlib."""
-    try:
+    try:  # deferred: matplotlib is optional (extra `report`), the page works without charts
         from matplotlib.figure import Figure
     except ImportError:
         return None
