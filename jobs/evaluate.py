@@ -1,6 +1,9 @@
-"""`simplepose evaluate MODEL ANNOTATIONS IMAGES`: COCO keypoint AP of a model, logged to MLflow.
+"""`simplepose evaluate MODEL ANNOTATIONS IMAGES [section.key=value ...]`: COCO keypoint AP of a model, logged
+to MLflow.
 
 MODEL is a checkpoint path/URI (ours or the authors') or a registry URI (models:/simplepose-imhn@candidate).
+The config is `pipelines.evaluate.EvaluateJobConfig` (infer.*, decoder.*, tracking.*, ...); the flags below
+are shortcuts (`--print-config` shows every key).
 """
 from __future__ import annotations
 
@@ -8,44 +11,58 @@ import argparse
 import json
 import os
 
+from jobs.options import (add_config_arguments, add_shortcut, add_storage_option, load_job_config,
+                          shortcut_values, storage_options)
+from pipelines.config import to_dict
+from pipelines.evaluate import EvalTracking, EvaluateJobConfig, run_evaluation
+from simplepose.infer import PRESETS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint path/URI or models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("annotations", help="COCO keypoint annotation JSON (any fsspec URI)")
     parser.add_argument("images", help="image prefix: image i is IMAGES/<file_name> (any fsspec URI)")
-    parser.add_argument("--preset", default="paper", help="inference preset: paper, head or fast")
-    parser.add_argument("--scales", type=float, nargs="+", help="override the preset's scales")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the preset's flip averaging")
-    parser.add_argument("--boxsize", type=int, help="override the preset's boxsize (pixels)")
-    parser.add_argument("--decoder", default="default", choices=["default", "reference"], help="decoder mode")
-    parser.add_argument("--max-images", type=int, help="evaluate the first N images of the file")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per network batch")
-    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    parser.add_argument("--results", help="also write the COCO results JSON to this URI")
-    parser.add_argument("--set-name", help="name of the evaluation set in MLflow (default: annotation file stem)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
-    parser.add_argument("--experiment", default="simplepose-eval", help="MLflow experiment")
-    parser.add_argument("--artifact-location", default="mlruns/artifacts",
-                        help="artifact location of a new experiment (folder or s3://...)")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    add_config_arguments(parser, "the evaluation config")
+
+    def shortcut(flag: str, path: str, help: str, **kwargs) -> None:
+        add_shortcut(parser, flag, path, EvaluateJobConfig, help, **kwargs)
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start infer.* from this preset (default: paper, the paper's five scales)")
+    shortcut("--scales", "infer.scales", "test-time scales", type=float, nargs="+")
+    shortcut("--flip", "infer.flip", "flip averaging", action=argparse.BooleanOptionalAction)
+    shortcut("--boxsize", "infer.boxsize", "pixels the image height is scaled to at scale 1", type=int)
+    shortcut("--mode", "decoder.mode", "decoder mode", choices=("default", "reference"))
+    shortcut("--decoder", "decoder.mode", "the same as --mode (kept for scripts)", choices=("default", "reference"))
+    shortcut("--max-images", "max_images", "evaluate the first N images of the file", type=int)
+    shortcut("--batch-size", "batch_size", "images per network batch", type=int)
+    shortcut("--device", "device", "cuda, cuda:1 or cpu (default: cuda when available)")
+    shortcut("--results", "results", "also write the COCO results JSON to this URI")
+    shortcut("--set-name", "tracking.set_name", "name of the evaluation set in MLflow (default: annotation file "
+             "stem)")
+    shortcut("--tracking-uri", "tracking.tracking_uri", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+             f"else {EvalTracking.tracking_uri})")
+    shortcut("--experiment", "tracking.experiment", "MLflow experiment")
+    shortcut("--artifact-location", "tracking.artifact_location", "artifact location of a new experiment "
+             "(folder or s3://...)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (= tracking=null)")
     parser.add_argument("--json", action="store_true", help="print the stats as one JSON line")
+    add_storage_option(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import EvalTracking, infer_config_for, run_evaluation
-    from simplepose.decode import DecoderConfig
-
-    infer_config = infer_config_for(args.preset, args.scales, args.flip, args.boxsize)
-    track = None
-    if not args.no_mlflow:
-        track = EvalTracking(tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                             or EvalTracking.tracking_uri, experiment=args.experiment,
-                             artifact_location=args.artifact_location, set_name=args.set_name)
-    result = run_evaluation(args.model, args.annotations, args.images, infer_config,
-                            DecoderConfig(mode=args.decoder), results_uri=args.results,
-                            max_images=args.max_images, batch_size=args.batch_size, device=args.device, track=track)
+    values = {"model": args.model, "annotations": args.annotations, "images": args.images}
+    if args.preset:
+        values["infer"] = to_dict(PRESETS[args.preset])
+    if args.no_mlflow:
+        values["tracking"] = None
+    elif os.environ.get("MLFLOW_TRACKING_URI") and "tracking.tracking_uri" not in shortcut_values(args):
+        values["tracking.tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    options = storage_options(args)
+    config = load_job_config(EvaluateJobConfig, args, values, storage_options=options)
+    result = run_evaluation(config.model, config.annotations, config.images, config.infer, config.decoder,
+                            results_uri=config.results, max_images=config.max_images, batch_size=config.batch_size,
+                            device=config.device, track=config.tracking, storage_options=options)
     if args.json:
         print(json.dumps({**result.stats, "images": result.num_images, "detections": result.num_detections,
                           "seconds": round(result.seconds, 2), "run_id": result.run_id}))

@@ -44,9 +44,11 @@ def add_shortcut(parser: argparse.ArgumentParser, flag: str, path: str, config_c
     """A flag that sets the config field at dotted `path` (shown with its default); unset flags set nothing,
     so a --config file's value stands unless the flag is given."""
     default = lookup(defaults_dict(config_class), path)
-    shown = "" if default is None and "default" not in help else f" (default {_shown(default)})"
+    shown = "" if default is None or "default" in help else f" (default {_shown(default)})"
+    if kwargs.get("action") in (None, "store") and "choices" not in kwargs:
+        kwargs.setdefault("metavar", path.rsplit(".", 1)[-1].upper())
     parser.add_argument(flag, dest=CONFIG_PREFIX + path, default=argparse.SUPPRESS,
-                        help=f"{help}{shown}; = {path}", **kwargs)
+                        help=f"{help}{shown} [{path}]", **kwargs)
 
 
 def shortcut_values(args: argparse.Namespace) -> dict[str, object]:
@@ -75,4 +77,4 @@ def lookup(data: dict, path: str):
 
 
 def _shown(value) -> str:
-    return " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return ",".join("" if v is None else str(v) for v in value) if isinstance(value, list) else str(value)

@@ -23,7 +23,7 @@ from pipelines.images import decode_image
 from simplepose.checkpoint import load_model
 from simplepose.coco import evaluate_keypoints
 from simplepose.decode import DecoderConfig, assemble, coco_results, find_candidates_batch
-from simplepose.infer import PRESETS, InferConfig, predict_heatmaps, prepare_model
+from simplepose.infer import PAPER, PRESETS, InferConfig, predict_heatmaps, prepare_model
 
 LOG = logging.getLogger(__name__)
 
@@ -47,6 +47,34 @@ class EvalResult:
     num_detections: int
     seconds: float
     run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateJobConfig:
+    """One evaluation (`simplepose evaluate`). model: checkpoint URI or models:/NAME@ALIAS / models:/NAME/N;
+    annotations: COCO keypoint JSON; images: prefix, image i is IMAGES/<file_name> (any URIs).
+    infer, decoder: the library's configs; the default is the paper's setting (`simplepose.infer.PAPER`: five
+    scales, flip, reference aggregation), `--preset` starts from another. max_images: the first N images of
+    the file. batch_size: images per network batch. device: "cuda", "cuda:1", "cpu" (None: cuda when
+    available). results: also write the COCO results JSON here. tracking: the MLflow run (None: not logged)."""
+    model: str
+    annotations: str
+    images: str
+    infer: InferConfig = PAPER
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    max_images: int | None = None
+    batch_size: int = 4
+    device: str | None = None
+    results: str | None = None
+    tracking: EvalTracking | None = field(default_factory=EvalTracking)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.max_images is not None and self.max_images < 1):
+            raise ValueError(f"EvaluateJobConfig: batch_size and max_images must be >= 1, got {self.batch_size}, "
+                             f"{self.max_images}")
+        if self.decoder.is_reference and self.infer.aggregation != "reference":
+            raise ValueError("EvaluateJobConfig: decoder.mode reference needs infer.aggregation=reference (its "
+                             "decoder reads maps at the original resolution)")
 
 
 def infer_config_for(preset: str, scales: tuple[float, ...] | None = None, flip: bool | None = None,
