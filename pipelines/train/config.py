@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pipelines import tracking
 from pipelines.config import config_from_dict, load_config, to_dict  # noqa: F401 (config_from_dict: re-exported)
 from simplepose.augment import AugmentConfig
 from simplepose.loss import LossConfig
@@ -108,9 +109,9 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow. A relative sqlite path or artifact location is resolved against the working directory."""
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    tracking_uri: str = tracking.DEFAULT_TRACKING_URI
     experiment: str = "simplepose-train"
-    artifact_location: str = "mlruns/artifacts"
+    artifact_location: str = tracking.DEFAULT_ARTIFACT_LOCATION
     registered_model: str = "simplepose-imhn"
     register: bool = True
     log_every_steps: int = 10
