@@ -207,13 +207,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: InferConfig = PAPER, *,
-                 dtype: torch.dtype | None = None, channels_last: bool = False,
-                 batch_size: int = 8) -> list[torch.Tensor]:
+                 dtype: torch.dtype | None = None, channels_last: bool = False, batch_size: int = 8,
+                 device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Run the network on padded inputs of any sizes; flip-average (docs/method.md §8.2) on the model's device.
 
     Returns, per input, the last stack's stride-4 output float32 (50, Hp/4, Wp/4) on the model's device.
     Up to `batch_size` inputs (x2 with flip) of one padded shape go through the network at once.
     dtype: autocast dtype (bfloat16/float16 on CUDA, bfloat16 on CPU) or None for float32.
+    device: where the inputs go and the averaging runs; None = the model's parameters' device. Give it for a
+    model without parameters, e.g. `simplepose.onnx_export.OnnxNetwork` (an onnxruntime session, "cpu").
     """
     if model.training:
         raise ValueError("forward_maps: model is in training mode (batch statistics); call model.eval() or "
@@ -226,7 +228,7 @@ def forward_maps(model: torch.nn.Module, inputs: Sequence[ScaleInput], config: I
                 or shape[1] % config.multiple:
             raise ValueError(f"forward_maps: input {n} must be uint8 (H, W, 3) with H, W multiples of "
                              f"{config.multiple}, got {item.image.dtype} {shape}")
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else torch.device(device)
     order = FLIP_CHANNEL_ORDER
     outputs: list[torch.Tensor | None] = [None] * len(inputs)
     shapes = [item.image.shape[:2] for item in inputs]

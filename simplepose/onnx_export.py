@@ -18,7 +18,11 @@ matched torch within 4e-6 (relative) on the reference weights; torch 2.13 still 
 The graph's metadata (`metadata_props`, key `simplepose`) holds the model config, the checkpoint metadata
 and these conventions as JSON.
 
-Imports only torch here; the `onnx` package (extra `simplepose[onnx]`) is imported when metadata is added.
+`OnnxNetwork` runs the graph in an onnxruntime CPU session (`onnx_session`) as a drop-in for the torch model
+in `forward_maps` (the labeling job's network engine "onnxruntime").
+
+Imports only torch here; the `onnx` and `onnxruntime` packages (extra `simplepose[onnx]`) are imported when
+metadata is added and when a session is made.
 """
 from __future__ import annotations
 
@@ -98,6 +102,47 @@ def add_metadata(onnx_bytes: bytes, description: dict) -> bytes:
     proto.producer_name = "simplepose"
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def import_onnxruntime():
+    """The onnxruntime module; an ImportError naming the extra when it is not installed."""
+    try:
+        import onnxruntime  # deferred: an optional dependency (extra simplepose[onnx]) that torch users never need
+    except ImportError as error:
+        raise ImportError(f"running ONNX needs the onnxruntime package: {ONNX_HINT}") from error
+    return onnxruntime
+
+
+def onnx_session(onnx_bytes: bytes, threads: int = 1):
+    """An onnxruntime CPU session of an ONNX file (bytes): `threads` intra-op threads, inter-op 1 (sequential
+    execution), all graph optimisations."""
+    onnxruntime = import_onnxruntime()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxNetwork:
+    """An IMHN exported once (`export_onnx`, in memory) and run by onnxruntime on the CPU, float32 only.
+
+    It stands in for the model in `simplepose.infer.forward_maps` (give it device="cpu": it has no parameters
+    to take the device from): called on the float32 (N, 3, H, W) network input, it returns the IMHN's output
+    structure reduced to what the graph computes, [[maps (N, 50, H/4, W/4)]] (one stack, its stride-4 scale),
+    so `out[-1][0]` reads the same maps as for torch. `threads`: onnxruntime's intra-op threads.
+    """
+
+    training = False  # the graph is exported in eval mode: batch norm uses the running statistics
+
+    def __init__(self, model: IMHN, threads: int = 1, metadata: dict | None = None):
+        import_onnxruntime()  # fail before the export (seconds for a large model) when it is missing
+        self.session = onnx_session(export_onnx(model, metadata), threads)
+
+    def __call__(self, image: torch.Tensor) -> list[list[torch.Tensor]]:
+        (maps,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: image.contiguous().numpy()})
+        return [[torch.from_numpy(maps)]]
 
 
 def read_metadata(onnx_bytes_or_proto) -> dict:

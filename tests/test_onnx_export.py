@@ -84,3 +84,11 @@ def test_bench_onnx_prints_both_engines(capsys):
     out = capsys.readouterr().out
     assert "machine:" in out and "onnxruntime" in out
     assert "tiny      128x192 batch 2 threads 1: torch" in out and "onnxruntime/torch" in out and "summary" in out
+
+
+def test_bench_onnx_stage_prints_both_engines(capsys, coco_mini):
+    assert cli.main(["bench", "onnx", "--stage", "--models", "tiny", "--boxsize", "64", "--stage-images", "3",
+                     "--stage-reps", "1", "--threads", "1", "--shared", str(coco_mini.parents[1])]) == 0
+    out = capsys.readouterr().out
+    assert "tiny     torch       :" in out and "tiny     onnxruntime :" in out and "CPU ms per image" in out
+    assert "the same candidate types on 3/3 photos" in out

@@ -1,4 +1,5 @@
-"""`simplepose bench onnx`: onnxruntime vs torch on this CPU for the labeling network's forward.
+"""`simplepose bench onnx`: onnxruntime vs torch on this CPU for the labeling network's forward, or (`--stage`)
+for the labeling job's whole network stage.
 
 The forward is the one the labeling job runs (`simplepose.infer.forward_maps`: float32, the last stack's stride-4
 maps), exported by `simplepose.onnx_export` (opset 17) and run by onnxruntime's CPU provider with all graph
@@ -11,6 +12,14 @@ Models: `tiny` (the shipped jobs/weights/imhn-tiny-stickfigures.pt), `s2i16` (th
 when the shared folder is there, else random weights of that size: PoseNet(2, 256, increase=16)), `released`
 (random weights, the 129M-parameter size). Random weights use the scale-preserving init of `bench network`
 (the training init's tiny activations become float32 denormals, slow on CPUs and unlike trained weights).
+
+`--stage`: the labeling job's `NetworkStage` alone (no Ray), engine torch vs onnxruntime, on coco-mini photos
+decoded once by its `DecodeStage` (boxsize `--boxsize`, one scale, flip, stride-4 maps: the job's settings),
+one Ray batch of all the photos grouped into forwards of `--forward-batch-size`, fp32, `--threads` threads
+(the first count). Each engine is built (the onnxruntime one exports the model), warmed up on one photo of
+each padded shape (an actor sees every shape early; onnxruntime plans memory per shape), then the two run
+the batch alternately `--stage-reps` times; images/s and CPU ms per image (this process, all threads) from
+the median run.
 """
 from __future__ import annotations
 
@@ -18,7 +27,9 @@ import argparse
 import io
 import math
 import os
+import pickle
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +38,9 @@ import torch
 from torch import nn
 
 from jobs.bench.machine import describe_machine
-from simplepose.checkpoint import load_model
+from simplepose.checkpoint import load_model, save_checkpoint
 from simplepose.model import IMHN
-from simplepose.onnx_export import INPUT_NAME, InferenceForward, export_onnx
+from simplepose.onnx_export import INPUT_NAME, InferenceForward, export_onnx, import_onnxruntime, onnx_session
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "weights" / "imhn-tiny-stickfigures.pt"
@@ -56,7 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds per engine and point (default %(default)s)")
     parser.add_argument("--reps", type=int, default=2, help="at least this many timed batches (default %(default)s)")
     parser.add_argument("--shared", default=os.environ.get("SIMPLEPOSE_SHARED", str(REPO.parent / "shared")),
-                        help="shared folder holding reference/fixtures (for the s2i16 weights)")
+                        help="shared folder holding reference/fixtures (s2i16 weights) and data/coco-mini (--stage)")
+    parser.add_argument("--stage", action="store_true",
+                        help="time the labeling job's NetworkStage per engine on coco-mini photos instead")
+    parser.add_argument("--boxsize", type=int, default=512, help="--stage: boxsize (default %(default)s)")
+    parser.add_argument("--stage-images", type=int, default=32, help="--stage: photos for tiny (default %(default)s)")
+    parser.add_argument("--large-stage-images", type=int, default=8,
+                        help="--stage: photos for s2i16 and released (default %(default)s)")
+    parser.add_argument("--forward-batch-size", type=int, default=16, help="--stage: images per forward "
+                        "(default %(default)s, the job's)")
+    parser.add_argument("--stage-reps", type=int, default=2, help="--stage: timed runs per engine (default %(default)s)")
 
 
 def build(name: str, shared: str) -> tuple[IMHN, str]:
@@ -82,17 +102,6 @@ def build(name: str, shared: str) -> tuple[IMHN, str]:
     return model.eval(), "random weights (scale-preserving init)"
 
 
-def session(graph: bytes, threads: int):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
-
 def measure(forward, ort_session, x: torch.Tensor, min_time: float, reps: int) -> tuple[float, float]:
     """Median seconds per batch of (torch, onnxruntime), interleaved, after one warm-up each."""
     array = x.numpy()
@@ -111,13 +120,19 @@ def measure(forward, ort_session, x: torch.Tensor, min_time: float, reps: int) -
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import onnxruntime
-    except ImportError:
-        print("bench onnx needs onnxruntime: pip install 'simplepose[onnx]'")
+        onnxruntime = import_onnxruntime()
+    except ImportError as error:
+        print(f"bench onnx: {error}")
         return 2
     print(f"machine: {describe_machine()}, onnxruntime {onnxruntime.__version__}")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    return bench_stage(args, names) if args.stage else bench_forward(args, names)
+
+
+def bench_forward(args: argparse.Namespace, names: list[str]) -> int:
+    """The bare forward, torch vs onnxruntime, over the grid of sizes, batches and threads."""
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in names:
         model, source = build(name, args.shared)
         started = time.perf_counter()
         graph = export_onnx(model)
@@ -128,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
         checked = False
         for threads in args.threads:
             torch.set_num_threads(threads)
-            ort_session = session(graph, threads)
+            ort_session = onnx_session(graph, threads)
             for width in widths:
                 for batch in batches:
                     x = torch.rand(batch, 3, args.height, width, generator=torch.Generator().manual_seed(0))
@@ -155,3 +170,71 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {name:8s} threads {threads}: {mean:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}, "
                       f"{len(ratios)} points)")
     return 0
+
+
+def bench_stage(args: argparse.Namespace, names: list[str]) -> int:
+    """The labeling job's NetworkStage alone, engine torch vs onnxruntime, on decoded coco-mini photos."""
+    from pipelines.label.stages import NetworkStage
+    from simplepose.decode import DecoderConfig
+    from simplepose.infer import InferConfig
+
+    folder = Path(args.shared) / "data" / "coco-mini" / "train2017"
+    photos = sorted(str(p) for p in folder.glob("*.jpg"))
+    if not photos:
+        print(f"bench onnx --stage: no photos in {folder} (set --shared)")
+        return 2
+    infer_config = InferConfig(boxsize=args.boxsize, scales=(1.0,), flip=True, aggregation="stride4")
+    decoder_config, threads = DecoderConfig(), args.threads[0]
+    print(f"stage: NetworkStage, boxsize {args.boxsize}, one scale, flip, stride4, forwards of "
+          f"{args.forward_batch_size}, fp32, {threads} thread(s), photos from {folder}")
+    for name in names:
+        count = min(len(photos), args.stage_images if name in LIGHT else args.large_stage_images)
+        batch, warm_up = _decoded(photos[:count], infer_config)
+        model, source = build(name, args.shared)
+        with tempfile.TemporaryDirectory() as scratch:
+            checkpoint = Path(scratch) / f"{name}.pt"
+            save_checkpoint(model, checkpoint, {"name": name})
+            stages = {}
+            for engine in ("torch", "onnxruntime"):
+                started = time.perf_counter()
+                stages[engine] = NetworkStage(str(checkpoint), infer_config, decoder_config, device="cpu",
+                                              precision="fp32", forward_batch_size=args.forward_batch_size,
+                                              threads=threads, engine=engine)
+                built = time.perf_counter() - started
+                stages[engine](warm_up)
+                print(f"model {name} ({source}), {count} photos in {len(warm_up['uri'])} padded shapes: engine "
+                      f"{engine} built in {built:.1f} s, warmed up in {time.perf_counter() - started - built:.1f} s",
+                      flush=True)
+        runs: dict[str, list[tuple[float, float]]] = {engine: [] for engine in stages}
+        outputs = {}
+        for _ in range(args.stage_reps):
+            for engine, stage in stages.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                outputs[engine] = stage(batch)
+                runs[engine].append((time.perf_counter() - wall, time.process_time() - cpu))
+        figures = {}
+        for engine, timings in runs.items():
+            wall = statistics.median(t[0] for t in timings)
+            cpu = statistics.median(t[1] for t in timings)
+            figures[engine] = (count / wall, cpu)
+            ok = int((outputs[engine]["status"] == "ok").sum())
+            print(f"  {name:8s} {engine:12s}: {count / wall:8.2f} images/s, {1000 * cpu / count:8.1f} CPU ms per "
+                  f"image ({ok}/{count} ok, {len(timings)} runs)", flush=True)
+        both = np.flatnonzero((outputs["torch"]["status"] == "ok") & (outputs["onnxruntime"]["status"] == "ok"))
+        same = sum(np.array_equal(*(pickle.loads(outputs[engine]["candidates"][i]).types for engine in stages))
+                   for i in both)
+        (torch_rate, torch_cpu), (ort_rate, ort_cpu) = figures["torch"], figures["onnxruntime"]
+        print(f"  {name:8s} onnxruntime/torch: {ort_rate / torch_rate:.2f}x images/s, {torch_cpu / ort_cpu:.2f}x less "
+              f"CPU per image; the same candidate types on {same}/{len(both)} photos")
+    return 0
+
+
+def _decoded(photos: list[str], infer_config) -> tuple[dict, dict]:
+    """(the network stage's input batch of `photos`, its rows of the first photo of each padded shape)."""
+    from pipelines.label.stages import DecodeStage, read_objects_batch
+
+    uris = np.array(photos, dtype=object)
+    batch = DecodeStage(infer_config, max_pixels=50_000_000)(read_objects_batch(
+        {"input_index": np.arange(len(uris)), "image_id": uris, "uri": uris}, retries=0))
+    first_of_shape = list({batch["pixels_0"][i].shape: i for i in reversed(range(len(uris)))}.values())
+    return batch, {column: values[first_of_shape] for column, values in batch.items()}

@@ -28,8 +28,10 @@ IMAGE_COLUMNS = ("input_index", "image_id", "uri", "status", "error", "size_byte
 """Columns every stage passes on (one row per input object)."""
 
 OK = "ok"
-NETWORK_ENGINES = ("torch", "null")
-"""torch: the IMHN. null: an instant stand-in for benchmarks of the CPU path (`NullNetwork`)."""
+NETWORK_ENGINES = ("torch", "onnxruntime", "null")
+"""torch: the IMHN. onnxruntime: the IMHN exported to ONNX, run by onnxruntime's CPU provider (float32, CPU
+nodes only; 1.6-2.5x less CPU per image than torch on our CPUs, docs/benchmarks.md; extra simplepose[onnx]).
+null: an instant stand-in for benchmarks of the CPU path (`NullNetwork`)."""
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
 
@@ -176,8 +178,11 @@ class NetworkStage:
 
     precision: "fp32", "fp16", "bf16" (autocast) or "auto" (resolved here, on the actor's own device: bf16
     where the GPU supports it, else fp16; fp32 on CPU). channels_last: NHWC activations (faster convolutions
-    on tensor cores). compile: `torch.compile` the model once. engine "null": no network at all
-    (`NullNetwork`), for benchmarks of everything around it. A failing image becomes status inference_error.
+    on tensor cores). compile: `torch.compile` the model once. engine "onnxruntime": the model exported once
+    per actor to ONNX in memory and run by onnxruntime with `threads` intra-op threads (`OnnxNetwork`), in
+    place of the torch forward only (grouping, averaging and decoding are the torch engine's code); its
+    options are checked by `check_engine`. engine "null": no network at all (`NullNetwork`), for benchmarks of
+    everything around it. A failing image becomes status inference_error.
 
     `forward_batch` (int16 column): how many images shared each row's forward, so that a consumer can
     compute the forward batch fill; `forwards` / `images_forwarded` count them on the actor.
@@ -191,8 +196,7 @@ class NetworkStage:
 
         from simplepose.infer import prepare_model
 
-        if engine not in NETWORK_ENGINES:
-            raise ValueError(f"NetworkStage: engine {engine!r} not in {NETWORK_ENGINES}")
+        check_engine(engine, device, precision, channels_last, compile)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("NetworkStage: device cuda, but this worker sees no CUDA GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
@@ -209,7 +213,12 @@ class NetworkStage:
         else:
             self.null = None
             model = prepare_model(load_model(model_uri, storage_options), device, channels_last=channels_last)
-            self.model = torch.compile(model) if compile else model
+            if engine == "onnxruntime":
+                from simplepose.onnx_export import OnnxNetwork
+
+                self.model = OnnxNetwork(model, threads)
+            else:
+                self.model = torch.compile(model) if compile else model
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
@@ -254,7 +263,7 @@ class NetworkStage:
         self.images_forwarded += len(prepared)
         if self.null is not None:
             return [self.null.candidates_bytes] * len(prepared)
-        heatmaps = predict_inputs(self.model, prepared, self.config, dtype=self.dtype,
+        heatmaps = predict_inputs(self.model, prepared, self.config, dtype=self.dtype, device=self.device,
                                   batch_size=self.batch_size, channels_last=self.channels_last)
         with self.torch.inference_mode():  # one set of tensor ops for the whole forward (~3x faster per image)
             return find_candidates_batch(heatmaps, self.decoder_config)
@@ -312,6 +321,32 @@ class AssembleStage:
         extra = {"forward_batch": np.asarray(batch["forward_batch"])} if "forward_batch" in batch else {}
         return _carry(batch, status=status, error=error, num_persons=persons, pose_keypoints=keypoints,
                       pose_scores=scores, pose_boxes=boxes, **extra)
+
+
+def check_engine(engine: str, device: str, precision: str, channels_last: bool | None = False,
+                 compile: bool = False) -> None:
+    """ValueError for options that `engine` cannot honour; ImportError (naming the extra) for engine
+    onnxruntime without onnxruntime. Cheap: a job can call it before any work.
+
+    onnxruntime runs float32 on the CPU only (device "cpu", or "auto" resolved to cpu by the caller; precision
+    "auto" or "fp32") and has no channels_last or compile (torch's options). On GPU nodes torch, with bf16
+    autocast, channels_last and compile, is the engine: onnxruntime was measured faster on CPUs only, and its
+    GPU build is a different package.
+    """
+    if engine not in NETWORK_ENGINES:
+        raise ValueError(f"engine {engine!r} not in {NETWORK_ENGINES}")
+    if engine != "onnxruntime":
+        return
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"engine onnxruntime runs on CPU nodes only, not device {device!r}; use engine torch on GPUs")
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"engine onnxruntime runs float32 only, not precision {precision!r}; use precision "
+                         f"auto or fp32, or engine torch")
+    if channels_last or compile:
+        raise ValueError("engine onnxruntime has no channels_last or compile (torch options); turn them off")
+    from simplepose.onnx_export import import_onnxruntime
+
+    import_onnxruntime()
 
 
 def resolve_precision(precision: str, device: str) -> str:
