@@ -1,12 +1,5 @@
-"""`simplepose oracle ANNOTATIONS.json`: decode perfect heatmaps of a COCO keypoint file, the ceiling of the
-grouping alone (no network, no images).
-
-Every image's ground truth is rendered with `simplepose.targets.render_heatmaps` over the whole image at stride
-4 (no crop), passed through the inference post-processing (reference mode: the authors' x4 cubic upsampling to
-the original size, `simplepose.infer.upsample_reference`; default mode: the stride-4 grid as is,
-`simplepose.infer.heatmaps_from_stride4`) and decoded. COCOeval stats and the decoder's speed per core (one
-torch thread; tensor and assembly stages timed separately, rendering and post-processing excluded) are printed.
-"""
+"""`simplepose oracle ANNOTATIONS.json`: decode perfect heatmaps of a COCO keypoint file and print COCOeval and
+the decoder's speed per core (`pipelines.oracle`)."""
 from __future__ import annotations
 
 import argparse

@@ -15,17 +15,14 @@ import time
 
 import pytest
 import s3fs
-import torch
 
 from cluster import MultiNodeCluster
+from fault_inputs import BROKEN, image_objects, loud_random_checkpoint
 from run_tables import assert_same_as_clean, tables_of
-from simplepose.checkpoint import save_checkpoint
-from simplepose.model import IMHN
 
 pytestmark = pytest.mark.slow  # every test runs jobs on a 3-node Ray cluster
 
 N_IMAGES = 38
-BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
 TOTAL = N_IMAGES + len(BROKEN)
 # One actor per stage (0.5 + 0.5 + 0.25 CPUs, + 0.25 per read task): any one node of 2 CPUs can hold the
 # whole graph, so the job survives losing the other. Batches of 1-2 rows and chunks of 2: a run has many
@@ -54,17 +51,8 @@ def inputs(s3_endpoint, coco_mini, tmp_path_factory):
     fs.mkdir("rel-in")
     fs.mkdir("rel-out")
     images = sorted((coco_mini / "train2017").glob("*.jpg"))[:N_IMAGES]
-    objects = {f"rel-in/imgs/{p.name}": p.read_bytes() for p in images}
-    objects.update({"rel-in/imgs/empty.jpg": b"", "rel-in/imgs/truncated.jpg": images[0].read_bytes()[:3000]})
-    fs.pipe(objects)
-    torch.manual_seed(0)
-    model = IMHN(stacks=1, width=32, increase=8)
-    with torch.no_grad():  # louder, offset output maps: random peaks above the decoder's thresholds (persons)
-        for name, parameter in model.named_parameters():
-            if name.startswith("outs."):
-                parameter.mul_(10) if name.endswith("weight") else parameter.add_(0.3)
-    local = tmp_path_factory.mktemp("relmodel") / "tiny.pt"
-    save_checkpoint(model, local, {"name": "tiny-random"})
+    fs.pipe(image_objects(images, "rel-in/imgs"))
+    local = loud_random_checkpoint(tmp_path_factory.mktemp("relmodel") / "tiny.pt")
     fs.put(str(local), "rel-in/tiny.pt")
     return fs
 

@@ -17,19 +17,16 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from fault_inputs import BROKEN, image_objects, loud_random_checkpoint
 from faultproxy import FAULTS, FaultProxy, Rule
 from run_tables import assert_same_as_clean, tables_of
 from pipelines import storage
 from pipelines.label.config import LabelJobConfig, label_config
 from pipelines.label.job import run_label_job
-from simplepose.checkpoint import save_checkpoint
-from simplepose.model import IMHN
 
 N_IMAGES = 20
-BROKEN = {"empty.jpg": "empty", "truncated.jpg": "decode_error"}
 TOTAL = N_IMAGES + len(BROKEN)
 SMALL = {"infer.boxsize": 128, "decode.actors": (1, 1), "network.actors": (1, 1), "assemble.actors": (1, 1),
          "network.cpus": 0.5, "read.batch_size": 4, "decode.batch_size": 2, "network.batch_size": 2,
@@ -47,19 +44,11 @@ def store(s3_endpoint, coco_mini, tmp_path_factory):
     fs.mkdir("flt-in")
     fs.mkdir("flt-out")
     images = sorted((coco_mini / "train2017").glob("*.jpg"))[:N_IMAGES]
-    objects = {f"flt-in/imgs/{p.name}": p.read_bytes() for p in images}
-    objects.update({"flt-in/imgs/empty.jpg": b"", "flt-in/imgs/truncated.jpg": images[0].read_bytes()[:3000]})
+    objects = image_objects(images, "flt-in/imgs")
     objects.update({f"flt-in/cursed/{p.name}": p.read_bytes() for p in images[:3]})
     objects["flt-in/cursed/cursed.jpg"] = images[3].read_bytes()
     fs.pipe(objects)
-    torch.manual_seed(0)
-    model = IMHN(stacks=1, width=32, increase=8)
-    with torch.no_grad():  # louder output maps: random peaks above the decoder's thresholds (persons)
-        for name, parameter in model.named_parameters():
-            if name.startswith("outs."):
-                parameter.mul_(10) if name.endswith("weight") else parameter.add_(0.3)
-    local = tmp_path_factory.mktemp("fltmodel") / "tiny.pt"
-    save_checkpoint(model, local, {"name": "tiny-random"})
+    local = loud_random_checkpoint(tmp_path_factory.mktemp("fltmodel") / "tiny.pt")
     proxy = FaultProxy(s3_endpoint, seed=10, stall_s=STALL_S).start()
     yield fs, str(local), proxy
     proxy.stop()
