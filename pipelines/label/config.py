@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pipelines.config import SECRET, load_config
 from pipelines.images import DEFAULT_MAX_PIXELS
 from pipelines.label import tables
-from pipelines.label.stages import NETWORK_ENGINES
+from pipelines.label.stages import check_engine
 from simplepose.decode import POSE_FLOOR, DecoderConfig, PoseFloor
 from simplepose.infer import LABELING, InferConfig
 
@@ -74,7 +74,8 @@ class NetworkStageConfig(PoolStageConfig):
 
     device: "auto" = one GPU per actor when the cluster has GPUs, else CPU; "cuda" on a cluster without GPUs
       fails at once. precision: "auto" = bf16 on GPUs that support it (decided on the actor's GPU), fp16 on
-      others, fp32 on CPU. engine: "torch" (the IMHN), "onnxruntime" (when installed) or "null" (an instant
+      others, fp32 on CPU. engine: "torch" (the IMHN), "onnxruntime" (CPU nodes, fp32; `pip install
+      'simplepose[onnx]'`; 1.7-2.5x less CPU per image than torch, docs/benchmarks.md) or "null" (an instant
       stand-in for benchmarks). channels_last: NHWC activations (None = on CUDA only). compile: `torch.compile`.
     """
     batch_size: int | None = None
@@ -88,10 +89,13 @@ class NetworkStageConfig(PoolStageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.engine in NETWORK_ENGINES, "NetworkStageConfig.engine", f"{self.engine!r} not in {NETWORK_ENGINES}")
         _check(self.device in DEVICES, "NetworkStageConfig.device", f"{self.device!r} not in {DEVICES}")
         _check(self.precision in PRECISIONS, "NetworkStageConfig.precision", f"{self.precision!r} not in {PRECISIONS}")
         _check(self.forward_batch_size >= 1, "NetworkStageConfig.forward_batch_size", "must be >= 1")
+        try:  # the engine's own limits (onnxruntime: CPU, fp32, installed), before any work
+            check_engine(self.engine, self.device, self.precision, self.channels_last, self.compile)
+        except ValueError as error:
+            raise ValueError(f"NetworkStageConfig.engine: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,14 @@ def data_context() -> Iterator[None]:
 
 
 def resolve_device(config, resources: Mapping[str, float]) -> str:
-    """The network actors' device for this cluster; "cuda" on a cluster without GPUs fails at once."""
+    """The network actors' device for this cluster; "cuda" on a cluster without GPUs fails at once; engine
+    onnxruntime runs on CPUs (its "auto" is "cpu")."""
     gpus = resources.get("GPU", 0)
     if config.network.device == "cuda" and gpus < 1:
         raise ValueError(f"device cuda: the Ray cluster has no GPUs (resources: CPU {resources.get('CPU', 0):g}, "
                          f"GPU 0); use --device cpu or auto, or join a cluster with GPU nodes (--address)")
     if config.network.device == "auto":
-        return "cuda" if gpus >= 1 else "cpu"
+        return "cuda" if gpus >= 1 and config.network.engine != "onnxruntime" else "cpu"
     return config.network.device
 
 
