@@ -18,9 +18,33 @@ import os
 import pickle
 from collections.abc import Mapping, Sequence
 
+import cv2
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
 from pipelines import storage
+from pipelines.images import decode_image
+from pipelines.registry import resolve_model_uri
+from pipelines.synthetic import draw_scene
+from simplepose.checkpoint import load_model as load_checkpoint_model
+from simplepose.decode import (
+    POSE_FLOOR,
+    assemble,
+    find_candidates,
+    find_candidates_batch,
+    select_poses,
+)
+from simplepose.infer import (
+    ScaleInput,
+    heatmaps_from_stride4,
+    predict_inputs,
+    prepare_model,
+    preprocess,
+)
+from simplepose.onnx_export import OnnxNetwork, import_onnxruntime
+from simplepose.skeleton import coco_to_reference
+from simplepose.targets import render_heatmaps
 
 LOG = logging.getLogger(__name__)
 
@@ -62,8 +86,6 @@ def _object_column(values: Sequence) -> np.ndarray:
 def read_input_slice(chunk_uri: str, start: int, stop: int, storage_options: Mapping | None = None
                      ) -> dict[str, np.ndarray]:
     """Rows start..stop-1 (positions within the chunk) of a frozen input chunk: input_index, image_id, uri."""
-    import pyarrow.parquet as pq
-
     with storage.open_binary(chunk_uri, storage_options) as f:
         table = pq.read_table(f).slice(start, stop - start)
     return {"input_index": table["input_index"].to_numpy(),
@@ -120,8 +142,6 @@ def pack_inputs(inputs: Sequence[Sequence | None], scales: int) -> dict[str, np.
 
 def unpack_inputs(batch: Mapping[str, np.ndarray], rows: Sequence[int], scales: int) -> list[list]:
     """The `ScaleInput` lists of `rows` from columns made by `pack_inputs` (views, no copies)."""
-    from simplepose.infer import ScaleInput
-
     out = []
     for i in rows:
         size = (int(batch["height"][i]), int(batch["width"][i]))
@@ -139,10 +159,7 @@ class DecodeStage:
     """
 
     def __init__(self, infer_config, max_pixels: int):
-        import cv2
 
-        from pipelines.images import decode_image
-        from simplepose.infer import preprocess
 
         cv2.setNumThreads(1)  # one actor per core: OpenCV threads would oversubscribe
         self.config, self.max_pixels = infer_config, max_pixels
@@ -192,9 +209,7 @@ class NetworkStage:
                  precision: str = "auto", forward_batch_size: int = 16, threads: int = 1,
                  storage_options: Mapping | None = None, engine: str = "torch", channels_last: bool = False,
                  compile: bool = False):
-        import torch
 
-        from simplepose.infer import prepare_model
 
         check_engine(engine, device, precision, channels_last, compile)
         if device == "cuda" and not torch.cuda.is_available():
@@ -214,8 +229,6 @@ class NetworkStage:
             self.null = None
             model = prepare_model(load_model(model_uri, storage_options), device, channels_last=channels_last)
             if engine == "onnxruntime":
-                from simplepose.onnx_export import OnnxNetwork
-
                 self.model = OnnxNetwork(model, threads)
             else:
                 self.model = torch.compile(model) if compile else model
@@ -256,9 +269,6 @@ class NetworkStage:
 
     def _candidates(self, prepared: list) -> list:
         """Candidates (or pickled candidates) of images whose inputs all share one padded shape per scale."""
-        from simplepose.decode import find_candidates_batch
-        from simplepose.infer import predict_inputs
-
         self.forwards += 1
         self.images_forwarded += len(prepared)
         if self.null is not None:
@@ -275,13 +285,7 @@ class NullNetwork:
     `simplepose bench label --null-network` to time the CPU path and the driver alone."""
 
     def __init__(self, decoder_config):
-        import torch
 
-        from pipelines.synthetic import draw_scene
-        from simplepose.decode import find_candidates
-        from simplepose.infer import heatmaps_from_stride4
-        from simplepose.skeleton import coco_to_reference
-        from simplepose.targets import render_heatmaps
 
         height, width = 512, 683
         _, keypoints = draw_scene(np.random.default_rng(0), height, width, persons=3)
@@ -298,7 +302,6 @@ class AssembleStage:
     floor: `simplepose.decode.PoseFloor` applied to the persons (default `POSE_FLOOR`, the tables' floor)."""
 
     def __init__(self, decoder_config, floor=None):
-        from simplepose.decode import POSE_FLOOR, assemble, select_poses
 
         self.config, self.floor = decoder_config, POSE_FLOOR if floor is None else floor
         self._assemble, self._select = assemble, select_poses
@@ -344,8 +347,6 @@ def check_engine(engine: str, device: str, precision: str, channels_last: bool |
                          f"auto or fp32, or engine torch")
     if channels_last or compile:
         raise ValueError("engine onnxruntime has no channels_last or compile (torch options); turn them off")
-    from simplepose.onnx_export import import_onnxruntime
-
     import_onnxruntime()
 
 
@@ -355,17 +356,13 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device == "cpu":
         return "fp32"
-    import torch
 
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def load_model(model_uri: str, storage_options: Mapping | None = None):
     """IMHN in eval mode on the CPU from a checkpoint URI (any fsspec filesystem) or a models:/ URI."""
-    from simplepose.checkpoint import load_model as load_checkpoint_model
-
     if model_uri.startswith("models:/"):
-        from pipelines.registry import resolve_model_uri
 
         return load_checkpoint_model(resolve_model_uri(model_uri))
     with storage.open_binary(model_uri, storage_options) as f:
