@@ -266,8 +266,11 @@ def test_pools_are_sized_from_the_cluster():
     config = label_config(input="a", output="b", model="c")
     gpu = pool_sizes(config, {"CPU": 32.0, "GPU": 4.0}, "cuda")
     assert gpu["network"] == (1, 4)  # one actor per GPU
-    # 32 CPUs - 4 network actors - 0.25 read = 27.75 free: 15 % to assembly, the rest to decoding
-    assert gpu["assemble"] == (1, int(27.75 * 0.15 / 0.25)) and gpu["decode"] == (1, int((27.75 - 0.25) / 0.5))
+    # 32 CPUs - 4 network actors = 28 free (reads are fused into decoding): 15 % to assembly, the rest to decoding
+    assert gpu["assemble"] == (1, int(28 * 0.15 / 0.25)) and gpu["decode"] == (1, int((28 - 0.25) / 0.5))
+    separate = pool_sizes(label_config(input="a", output="b", model="c", **{"read.cpus": 0.25}),
+                          {"CPU": 32.0, "GPU": 4.0}, "cuda")
+    assert separate["decode"] == (1, int((27.75 - 0.25) / 0.5))  # separate read tasks keep their CPUs free
     small = pool_sizes(config, {"CPU": 2.0}, "cpu")
     assert small == {"decode": (1, 1), "network": (1, 1), "assemble": (1, 1)}
     fixed = label_config(input="a", output="b", model="c", **{"decode.actors": (2, 3)})

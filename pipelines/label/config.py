@@ -25,15 +25,18 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class ReadStageConfig:
-    """Read tasks: `batch_size` objects listed and fetched per task (one block), `cpus` logical CPUs per
-    task, `retries` per object on transient storage errors."""
+    """Reads: `batch_size` objects listed and fetched per call (one block), `retries` per object on transient
+    storage errors. cpus None (the default): reads run inside the decode actors, with their CPUs (Ray Data
+    fuses the two operators when their resources match): one operator less for the driver to schedule and no
+    raw bytes through the object store, which halved the driver's CPU per image and took ~1 ms per image off
+    the job's CPU (`bench label`, docs/benchmarks.md). A number: reads are separate tasks of that many CPUs."""
     batch_size: int = 64
-    cpus: float = 0.25
+    cpus: float | None = None
     retries: int = 3
 
     def __post_init__(self):
-        _check(self.batch_size >= 1 and self.cpus > 0 and self.retries >= 0, "ReadStageConfig",
-               f"needs batch_size >= 1, cpus > 0, retries >= 0, got {self}")
+        _check(self.batch_size >= 1 and (self.cpus is None or self.cpus > 0) and self.retries >= 0,
+               "ReadStageConfig", f"needs batch_size >= 1, cpus > 0 or None, retries >= 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,10 @@ class LabelJobConfig:
         _check(not self.decoder.is_reference or self.infer.aggregation == "reference", "LabelJobConfig: decoder.mode",
                "reference needs infer.aggregation=reference (its decoder reads maps at the original resolution); "
                "--mode reference sets both")
+
+    def read_cpus(self) -> float:
+        """Logical CPUs of a read: `read.cpus`, or the decode actors' when reads are fused into them."""
+        return self.decode.cpus if self.read.cpus is None else self.read.cpus
 
     def network_rows(self) -> int:
         """Rows per network Ray batch: `network.batch_size`, or as many as fit ~1 GiB of uint8 inputs (a 4:3

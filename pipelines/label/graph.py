@@ -1,9 +1,10 @@
 """The labeling job's Ray Data graph: one operator per stage, pools sized from the cluster.
 
-Each stage is its own operator with its own resources (docs/architecture.md): reads are light tasks,
-decode / network / assembly are actor pools sized by `LabelJobConfig`. On a 2-CPU machine the default
-minimum pools take 0.5 + 1 + 0.25 CPUs and leave 0.25 for read tasks (a pool that takes every CPU makes Ray
-Data wait forever); pools grow only into CPUs that are free.
+Each stage is its own `map_batches` with its own resources (docs/architecture.md): read, then decode /
+network / assembly actor pools sized by `LabelJobConfig`. By default reads take the decode actors' CPUs, and
+Ray Data fuses them into the decode actors (one operator less); with `read.cpus` set they stay separate
+tasks, which must then find a free CPU beside the pools (a pool that takes every CPU makes Ray Data wait
+forever). Pools grow only into CPUs that are free.
 
 Ray is imported inside the functions: the job imports this module before `pipelines.ray_cluster.connect_ray`
 has set Ray's environment (docs/architecture.md, "Ray and the stack").
@@ -70,7 +71,8 @@ def source(config, chunk_uris: list[str], chunk_rows: list[int]):
 def pool_sizes(config, resources: Mapping[str, float], device: str) -> dict[str, tuple[int, int]]:
     """(min, max) actor pool sizes of decode, network and assemble; a max of None in the config is sized
     from the cluster: network one actor per GPU (or 1 on CPU); the CPUs left after the network actors and
-    one read task go 15 % to assembly (it is light once decoding is bounded) and the rest to decoding."""
+    separate read tasks (none when reads are fused into decoding) go 15 % to assembly (it is light once
+    decoding is bounded) and the rest to decoding."""
     cpus = float(resources.get("CPU", 1))
     low, high = config.network.actors
     if device == "cuda":  # one GPU each: never more actors than GPUs
@@ -79,7 +81,8 @@ def pool_sizes(config, resources: Mapping[str, float], device: str) -> dict[str,
     else:
         network = (low, high or 1)
     network_cpus = 1.0 if device == "cuda" else config.network.cpus
-    free = max(0.0, cpus - network[1] * network_cpus - config.read.cpus)
+    reads = 0.0 if config.read.cpus is None else config.read.cpus  # fused reads use the decode actors' CPUs
+    free = max(0.0, cpus - network[1] * network_cpus - reads)
 
     def sized(sizes, share: float, each: float) -> tuple[int, int]:
         low, high = sizes
@@ -109,7 +112,7 @@ def stages(config, model_uri: str, resources: Mapping[str, float]) -> list[tuple
     def pool(name: str) -> ActorPoolStrategy:
         return ActorPoolStrategy(min_size=pools[name][0], max_size=pools[name][1])
 
-    read = dict(fn=read_slices_batch, batch_size=1, num_cpus=config.read.cpus,
+    read = dict(fn=read_slices_batch, batch_size=1, num_cpus=config.read_cpus(),
                 fn_kwargs={"storage_options": options, "retries": config.read.retries})
     decode = dict(fn=DecodeStage, batch_size=config.decode.batch_size, num_cpus=config.decode.cpus,
                   compute=pool("decode"),
