@@ -15,9 +15,9 @@ import struct
 import zlib
 
 import cv2
-import fsspec
 import numpy as np
 
+from pipelines import storage
 from simplepose.skeleton import COCO_KEYPOINTS, COCO_SKELETON
 
 LOG = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def write_coco_dataset(folder: str, count: int, seed: int = 0, heights: tuple[in
         raise ValueError(f"write_coco_dataset: need 64 <= heights[0] <= heights[1] and 0 < aspects[0] <= "
                          f"aspects[1], got heights {heights}, aspects {aspects}")
     rng = np.random.default_rng(seed)
-    fs, root = fsspec.core.url_to_fs(folder.rstrip("/"))
+    fs, root = storage.filesystem(folder.rstrip("/"))
     fs.makedirs(f"{root}/images", exist_ok=True)
     fs.makedirs(f"{root}/annotations", exist_ok=True)
     images, annotations = [], []
