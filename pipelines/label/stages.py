@@ -159,8 +159,6 @@ class DecodeStage:
     """
 
     def __init__(self, infer_config, max_pixels: int):
-
-
         cv2.setNumThreads(1)  # one actor per core: OpenCV threads would oversubscribe
         self.config, self.max_pixels = infer_config, max_pixels
         self._decode, self._preprocess = decode_image, preprocess
@@ -209,8 +207,6 @@ class NetworkStage:
                  precision: str = "auto", forward_batch_size: int = 16, threads: int = 1,
                  storage_options: Mapping | None = None, engine: str = "torch", channels_last: bool = False,
                  compile: bool = False):
-
-
         check_engine(engine, device, precision, channels_last, compile)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("NetworkStage: device cuda, but this worker sees no CUDA GPU "
@@ -285,8 +281,6 @@ class NullNetwork:
     `simplepose bench label --null-network` to time the CPU path and the driver alone."""
 
     def __init__(self, decoder_config):
-
-
         height, width = 512, 683
         _, keypoints = draw_scene(np.random.default_rng(0), height, width, persons=3)
         maps = render_heatmaps(coco_to_reference(np.asarray(keypoints, np.float64)),
@@ -302,7 +296,6 @@ class AssembleStage:
     floor: `simplepose.decode.PoseFloor` applied to the persons (default `POSE_FLOOR`, the tables' floor)."""
 
     def __init__(self, decoder_config, floor=None):
-
         self.config, self.floor = decoder_config, POSE_FLOOR if floor is None else floor
         self._assemble, self._select = assemble, select_poses
 
@@ -356,14 +349,12 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device == "cpu":
         return "fp32"
-
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def load_model(model_uri: str, storage_options: Mapping | None = None):
     """IMHN in eval mode on the CPU from a checkpoint URI (any fsspec filesystem) or a models:/ URI."""
     if model_uri.startswith("models:/"):
-
         return load_checkpoint_model(resolve_model_uri(model_uri))
     with storage.open_binary(model_uri, storage_options) as f:
         return load_checkpoint_model(f)
