@@ -12,7 +12,7 @@ import json
 import os
 
 from jobs.options import (add_config_arguments, add_shortcut, add_storage_option, load_job_config,
-                          shortcut_values, storage_options)
+                          printed_config, shortcut_values, storage_options)
 from pipelines.config import to_dict
 from pipelines.evaluate import EvalTracking, EvaluateJobConfig, run_evaluation
 from simplepose.infer import PRESETS
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
         values["tracking.tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
     options = storage_options(args)
     config = load_job_config(EvaluateJobConfig, args, values, storage_options=options)
+    if printed_config(args, config):
+        return 0
     result = run_evaluation(config.model, config.annotations, config.images, config.infer, config.decoder,
                             results_uri=config.results, max_images=config.max_images, batch_size=config.batch_size,
                             device=config.device, track=config.tracking, storage_options=options)

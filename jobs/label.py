@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.options import (CONFIG_PREFIX, add_config_arguments, add_shortcut, add_storage_option, load_job_config,
-                          shortcut_values, storage_options)
+                          printed_config, shortcut_values, storage_options)
 from pipelines.label.config import DEVICES, PRECISIONS, LabelJobConfig
 from pipelines.label.job import run_label_job
 from pipelines.label.stages import NETWORK_ENGINES
@@ -86,6 +86,9 @@ def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_label_job(config_from_args(args))
+    config = config_from_args(args)
+    if printed_config(args, config):
+        return 0
+    summary = run_label_job(config)
     print(summary.format())
     return 0

@@ -60,14 +60,16 @@ def shortcut_values(args: argparse.Namespace) -> dict[str, object]:
 def load_job_config(config_class: type, args: argparse.Namespace, values: dict | None = None, *,
                     storage_options: dict | None = None, secrets: dict | None = None):
     """`config_class` from --config (read with `storage_options`), `values` (e.g. positionals), the shortcut
-    flags, the dotted overrides and `secrets` (fields set only in code, e.g. storage_options); prints it and
-    exits when --print-config is given."""
-    config = load_config(config_class, args.config, args.overrides, values={**(values or {}), **shortcut_values(args)},
-                         secrets=secrets, storage_options=storage_options)
+    flags, the dotted overrides and `secrets` (fields set only in code, e.g. storage_options)."""
+    return load_config(config_class, args.config, args.overrides, values={**(values or {}), **shortcut_values(args)},
+                       secrets=secrets, storage_options=storage_options)
+
+
+def printed_config(args: argparse.Namespace, config) -> bool:
+    """With --print-config: print `config` (secrets left out) and return True: the command is done."""
     if args.print_config:
         print(format_config(config))
-        raise SystemExit(0)
-    return config
+    return args.print_config
 
 
 def lookup(data: dict, path: str):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from jobs.bench.machine import describe_machine
-from jobs.options import add_config_arguments, add_shortcut, load_job_config
+from jobs.options import add_config_arguments, add_shortcut, load_job_config, printed_config
 from pipelines.config import to_dict
 from pipelines.oracle import OracleConfig, run_oracle
 from simplepose.decode import POSE_FLOOR
@@ -46,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
     if args.floor:
         values["floor"] = to_dict(POSE_FLOOR)
     config = load_job_config(OracleConfig, args, values)
+    if printed_config(args, config):
+        return 0
     results, stats, times = run_oracle(config)
     floor = config.floor
     n = len(times)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.options import add_config_arguments, add_storage_option, load_job_config, storage_options
+from jobs.options import add_config_arguments, add_storage_option, load_job_config, printed_config, storage_options
 from pipelines.ray_cluster import connect_ray
 from pipelines.train.config import TrainConfig
 from pipelines.train.job import run_training
@@ -30,6 +30,8 @@ def main(args: argparse.Namespace) -> int:
         args.config, args.overrides = args.overrides[0], args.overrides[1:]
     options = storage_options(args)
     config = load_job_config(TrainConfig, args, storage_options=options)
+    if printed_config(args, config):
+        return 0
     with connect_ray(num_cpus=args.num_cpus):
         result = run_training(config, storage_options=options)
     summary = {"run_id": result.run_id, "model_version": result.model_version,

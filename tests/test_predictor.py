@@ -75,8 +75,10 @@ def test_list_equals_one_by_one(predictor, photos):
     assert isinstance(together, list) and len(together) == len(images)
     for image, poses in zip(images, together):
         alone = predictor(image)
-        np.testing.assert_allclose(poses.keypoints, alone.keypoints, atol=1e-6)
-        np.testing.assert_allclose(poses.scores, alone.scores, atol=1e-6)
+        # float32 rounding only: a batched forward may pick another convolution algorithm (seen: 1.3e-5 px at
+        # x = 60, a relative 2e-7); any real difference in preprocessing or grouping is orders larger
+        np.testing.assert_allclose(poses.keypoints, alone.keypoints, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(poses.scores, alone.scores, rtol=1e-6, atol=1e-6)
     assert predictor([]) == []
 
 

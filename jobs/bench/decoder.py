@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from jobs.bench.machine import describe_machine
-from jobs.options import add_config_arguments, load_job_config
+from jobs.options import add_config_arguments, load_job_config, printed_config
 from simplepose.checkpoint import load_model
 from simplepose.decode import POSE_FLOOR, DecoderConfig, assemble, find_candidates_batch, select_poses
 from simplepose.infer import Heatmaps, InferConfig, predict_inputs, prepare_model, preprocess
@@ -109,7 +109,10 @@ def noise_heatmaps(size: int, images: int, seed: int = 0) -> list:
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    config = load_job_config(DecoderBenchConfig, args).decoder
+    bench_config = load_job_config(DecoderBenchConfig, args)
+    if printed_config(args, bench_config):
+        return 0
+    config = bench_config.decoder
     figures = {"config": {"max_candidates": config.max_candidates, "max_persons": config.max_persons},
                "floor": {"min_person_score": POSE_FLOOR.min_person_score,
                          "min_keypoints": POSE_FLOOR.min_keypoints},

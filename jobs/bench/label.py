@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from jobs.bench.machine import describe_machine
-from jobs.options import add_config_arguments, load_job_config
+from jobs.options import add_config_arguments, load_job_config, printed_config
 from pipelines import storage
 from pipelines.label import run_folder
 from pipelines.label.config import LabelJobConfig
@@ -295,6 +295,8 @@ def main(args: argparse.Namespace) -> int:
     if args.mode == "reference":
         values["infer.aggregation"] = "reference"  # as `simplepose label --mode reference`
     config = load_job_config(LabelJobConfig, args, values)  # --config and dotted overrides win over the flags
+    if printed_config(args, config):
+        return 0
     if args.fixed_pools:  # every pool starts at its maximum: Ray Data's actor autoscaler has nothing to do
         sizes = pool_sizes(config, {"CPU": float(os.cpu_count())}, "cpu")
         config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), actors=(high, high))
