@@ -21,7 +21,8 @@ from pipelines.train.loop import STATE_FILE
 from pipelines.train.job import run_training
 from test_train import coco_bucket, tiny_config  # noqa: F401 - the fixture is used by name
 
-STEPS = 6  # per epoch: 2 workers x batch 2 x 6 steps = 24 samples
+STEPS = 10  # per epoch (2 workers x batch 2 x 10 = 40 samples): long enough that the kill lands inside epoch 1
+# after the controller has registered epoch 0's checkpoint (it polls every 2 s; with 6 steps the kill often came late)
 
 
 def _local_raylet() -> int:
