@@ -84,5 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         return explained.exit_status
 
 
+def run() -> None:
+    """The `simplepose` executable: `main`, then exit with its status.
+
+    When the command used Ray, the process ends with os._exit after flushing logs and output: Ray's core
+    worker can abort in the interpreter's teardown after a clean `ray.shutdown()` (seen once in CI: a finished,
+    committed labeling run exited with SIGABRT), and Ray ends its own worker processes the same way. Every
+    command ends its own resources (Ray, MLflow runs, process pools) before it returns.
+    """
+    status = main()
+    if "ray" not in sys.modules:
+        sys.exit(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
