@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import (CONFIG_PREFIX, add_config_arguments, add_shortcut, add_storage_option, load_job_config,
-                          printed_config, shortcut_values, storage_options)
+from jobs.options import (add_config_arguments, add_shortcut, add_storage_option, load_job_config, printed_config,
+                          shortcut_values, storage_options)
 from pipelines.label.config import DEVICES, PRECISIONS, LabelJobConfig
 from pipelines.label.job import run_label_job
 from pipelines.label.stages import NETWORK_ENGINES
@@ -80,8 +80,6 @@ def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
     values = {"input": args.input, "output": args.output}
     if flags.get("decoder.mode") == "reference" and "infer.aggregation" not in flags:
         values["infer.aggregation"] = "reference"  # the reference decoder reads original-resolution maps
-    if flags.get("stall_timeout_s") == 0:  # --stall-timeout 0 = never
-        setattr(args, CONFIG_PREFIX + "stall_timeout_s", None)
     return load_job_config(LabelJobConfig, args, values, storage_options=options, secrets={"storage_options": options})
 
 

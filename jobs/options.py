@@ -43,7 +43,7 @@ def add_shortcut(parser: argparse.ArgumentParser, flag: str, path: str, config_c
                  **kwargs) -> None:
     """A flag that sets the config field at dotted `path` (shown with its default); unset flags set nothing,
     so a --config file's value stands unless the flag is given."""
-    default = lookup(defaults_dict(config_class), path)
+    default = _lookup(defaults_dict(config_class), path)
     shown = "" if default is None or "default" in help else f" (default {_shown(default)})"
     if kwargs.get("action") in (None, "store") and "choices" not in kwargs:
         kwargs.setdefault("metavar", path.rsplit(".", 1)[-1].upper())
@@ -72,7 +72,7 @@ def printed_config(args: argparse.Namespace, config) -> bool:
     return args.print_config
 
 
-def lookup(data: dict, path: str):
+def _lookup(data: dict, path: str):
     for part in path.split("."):
         data = data.get(part) if isinstance(data, dict) else None
     return data

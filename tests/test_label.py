@@ -181,6 +181,9 @@ def test_label_job_config_validates():
     assert config.decoder.is_reference and config.storage_options == {"secret": "x"}
     assert "secret" not in json.dumps(config.settings()) and "secret" not in format_config(config)
     assert label_config(input="a", output="b", model="c").infer.aggregation == "stride4"
+    assert label_config(input="a", output="b", model="c", stall_timeout_s=0).stall_timeout_s is None  # 0 = never
+    with pytest.raises(ValueError, match="stall_timeout_s: must be >= 0"):
+        label_config(input="a", output="b", model="c", stall_timeout_s=-1)
 
 
 def test_stages_on_a_hand_made_batch(tiny_checkpoint, coco_mini, tmp_path):

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.config import config_from_dict
+from pipelines.train.config import TrainConfig, load_train_config
 from pipelines.train.loop import learning_rate, load_state, make_optimizer, precision, save_state
-from pipelines.train.config import TrainConfig, config_from_dict, load_train_config
 from simplepose.model import IMHN, IMHNConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"

@@ -119,7 +119,7 @@ class LabelJobConfig:
       (endpoint_url, key, secret, profile...), set in code or by --storage-option, never logged or written.
     progress_interval_s: seconds between progress lines (logged even while no batch arrives, with the stages
       that wait for resources). stall_timeout_s: the job ends with `LabelJobStalled` after that long without
-      a new output row (None = never); committed chunks stay and the re-run resumes (docs/reliability.md).
+      a new output row (None or 0 = never); committed chunks stay and the re-run resumes (docs/reliability.md).
     """
 
     input: str
@@ -146,8 +146,10 @@ class LabelJobConfig:
             _check(isinstance(getattr(self, name), str) and getattr(self, name), f"LabelJobConfig.{name}",
                    "a non-empty URI is required")
         _check(min(self.chunk_size, self.max_pixels) >= 1, "LabelJobConfig.chunk_size/max_pixels", "must be >= 1")
-        _check(self.stall_timeout_s is None or self.stall_timeout_s > 0, "LabelJobConfig.stall_timeout_s",
-               f"must be > 0 or None, got {self.stall_timeout_s}")
+        _check(self.stall_timeout_s is None or self.stall_timeout_s >= 0, "LabelJobConfig.stall_timeout_s",
+               f"must be >= 0 or None, got {self.stall_timeout_s}")
+        if self.stall_timeout_s == 0:  # 0 = never, as on the command line; stored as None
+            object.__setattr__(self, "stall_timeout_s", None)
         _check(not self.decoder.is_reference or self.infer.aggregation == "reference", "LabelJobConfig: decoder.mode",
                "reference needs infer.aggregation=reference (its decoder reads maps at the original resolution); "
                "--mode reference sets both")

@@ -58,8 +58,8 @@ def resolve_device(config, resources: Mapping[str, float]) -> str:
 
 
 def source(config, chunk_uris: list[str], chunk_rows: list[int]):
-    """Slices of the frozen input chunks, `read_batch_size` objects each, one block per slice: each read
-    task lists and fetches one slice, so reads run in parallel even within one chunk."""
+    """Slices of the frozen input chunks, `read.batch_size` objects each, one block per slice: each read call
+    lists and fetches one slice, so reads run in parallel even within one chunk."""
     import ray.data
 
     size = config.read.batch_size

@@ -19,11 +19,12 @@ from pipelines import preflight, registry, storage
 from pipelines.label import run_folder, tables
 from pipelines.label.config import LabelJobConfig
 from pipelines.label.graph import build_dataset, data_context, resolve_device
-from pipelines.ray_cluster import connect_ray
 from pipelines.label.stages import IMAGE_COLUMNS
 from pipelines.label.watch import LabelJobStalled, Watchdog, stage_resources, waiting_stages  # noqa: F401
+from pipelines.ray_cluster import connect_ray
 
 LOG = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class LabelSummary:

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pipelines import tracking
-from pipelines.config import config_from_dict, load_config, to_dict  # noqa: F401 (config_from_dict: re-exported)
+from pipelines.config import load_config, to_dict
 from simplepose.augment import AugmentConfig
 from simplepose.loss import LossConfig
 from simplepose.model import IMHNConfig
@@ -178,7 +178,7 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.stage_at: epoch beyond the {self.total_epochs} configured epochs")
 
     def to_dict(self) -> dict:
-        """Plain nested dict (lists for tuples): YAML/JSON-serialisable and accepted by `config_from_dict`."""
+        """Plain nested dict (lists for tuples): YAML/JSON-serialisable and accepted by `pipelines.config.config_from_dict`."""
         return to_dict(self)
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from pipelines import registry, storage, tracking
-from pipelines.train.config import OptimizerConfig, TrainConfig, config_from_dict
+from pipelines.config import config_from_dict
+from pipelines.train.config import OptimizerConfig, TrainConfig
 from pipelines.train.data import CocoKeypointSamples, make_loader
 from simplepose.checkpoint import load_checkpoint, save_checkpoint
 from simplepose.loss import LossConfig, multitask_loss
