@@ -34,3 +34,13 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# On the development machine, before a device call: the pycocotools wheel for the GPU machine's Python 3.12 and a
+# copy of coco-mini, in folders git ignores (.whl/, .gpu-data/), for the call to carry (docs/benchmarks.md).
+SHARED ?= ../shared
+.PHONY: gpu-check-bundle
+gpu-check-bundle:
+	for d in /.whl/ /.gpu-data/; do grep -qxF $$d .git/info/exclude || echo $$d >> .git/info/exclude; done
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux2014_x86_64 -d .whl pycocotools==$$(sed -n 's/^pycocotools==//p' requirements.lock)
+	mkdir -p .gpu-data && cp -r $(SHARED)/data/coco-mini .gpu-data/

@@ -9,7 +9,8 @@ connection or stalls, so that faults reach the job from outside (our code is nev
 
 Faults: "503" (503 SlowDown with S3's XML error body), "500" (500 InternalError), "reset" (the request is
 read, then the TCP connection is closed with RST, no response), "stall" (no response for `stall_s` seconds,
-longer than the client's read timeout, then the connection is closed).
+longer than the client's read timeout, then the connection is closed), "delay" (the request is answered
+normally after `delay_s` seconds: a distant store's latency).
 Request kinds: "list" (GET with list-type / a bucket listing), "get" (GET of an object), "put" (PUT of an
 object), "head", "delete", "post", "other".
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "500", "reset", "stall")
+FAULTS = ("503", "500", "reset", "stall")  # failures; "delay" (latency) is a rule too, not a failure
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
                "expect"}
 
@@ -49,12 +50,13 @@ class Rule:
     limit: int | None = None
     stall_s: float | None = None  # this rule's stall (None: the proxy's `stall_s`)
     after: int = 0  # let the first `after` matching requests through
+    delay_s: float = 0.03  # a "delay" rule's added latency
     used: int = 0
     seen: int = 0
 
     def __post_init__(self):
-        if self.fault not in FAULTS:
-            raise ValueError(f"fault {self.fault!r} not in {FAULTS}")
+        if self.fault not in (*FAULTS, "delay"):
+            raise ValueError(f"fault {self.fault!r} not in {(*FAULTS, 'delay')}")
 
     def matches(self, kind: str, path: str) -> bool:
         return ((not self.kinds or kind in self.kinds) and (self.path is None or re.search(self.path, path))
@@ -161,7 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is not None:
             with proxy.lock:
                 proxy.log.append((rule.fault, self.command, self.path))
-            return self._inject(rule)
+            if rule.fault != "delay":
+                return self._inject(rule)
+            time.sleep(rule.delay_s)
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}

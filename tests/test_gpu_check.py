@@ -1,9 +1,12 @@
 """`scripts/gpu_check.py --smoke`: the one-shot GPU check's code on tiny configurations, on the CPU, as a
-subprocess (the script must run as `python scripts/gpu_check.py`, without Ray, printing one JSON object last)."""
+subprocess (the script must run as `python scripts/gpu_check.py`, without Ray, printing one JSON object last).
+The subprocess cannot import what the GPU machine lacks (Ray, MLflow, s3fs, moto, boto3): a `sitecustomize`
+on its path refuses those imports, as a missing package would."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,18 @@ pytestmark = pytest.mark.slow  # the whole GPU check (compile, training) in a su
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "network", "precision", "label_stage", "training", "learning")
+ABSENT_ON_GPU_MACHINE = ("ray", "mlflow", "s3fs", "moto", "boto3", "botocore", "aiobotocore")
+BLOCKER = f"""import sys
+
+
+class AbsentOnGpuMachine:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_ON_GPU_MACHINE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)", name=name)
+
+
+sys.meta_path.insert(0, AbsentOnGpuMachine())
+"""
 
 
 def _finite(value) -> bool:
@@ -22,9 +37,13 @@ def _finite(value) -> bool:
 
 def test_gpu_check_smoke(coco_mini, tmp_path):
     out_file = tmp_path / "gpu_check.json"
+    blocker = tmp_path / "absent"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--data",
                            str(coco_mini), "--out", str(out_file)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out_file.read_text())

@@ -119,6 +119,26 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     assert tries >= 2  # the read was retried
 
 
+def test_objects_are_read_with_one_get_each_and_no_head(store):
+    """s3fs sends a HEAD before each GET unless told to read whole objects; a batch's reads are one GET each
+    (requests counted by the proxy, from outside), and a 50 ms store latency costs the batch about one
+    round trip, not one per object (the GETs run concurrently)."""
+    fs, _, proxy = store
+    uris = [f"s3://{key}" for key in sorted(fs.find("flt-in/imgs"))[:8]]
+    before = proxy.injected.copy()
+    proxy.rules = [Rule("delay", delay_s=0.05, kinds=("head", "get"), path=r"^/flt-in/imgs/")]
+    try:
+        started = time.monotonic()
+        blobs = storage.read_objects(uris, options(proxy))
+        seconds = time.monotonic() - started
+    finally:
+        proxy.healthy()
+    delayed = proxy.injected - before
+    assert all(isinstance(blob, bytes) and blob for blob in blobs)
+    assert delayed[("delay", "head")] == 0 and delayed[("delay", "get")] == len(uris), delayed
+    assert seconds < 0.05 * len(uris) / 2, f"8 reads took {seconds:.2f} s: not concurrent"
+
+
 @pytest.mark.slow
 def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_completes(store, clean):
     fs, _, proxy = store
