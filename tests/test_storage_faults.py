@@ -83,9 +83,10 @@ def test_faults_on_listing_reads_freezing_and_part_writes_change_nothing(store, 
     fs, _, proxy = store
     # 10 % of every request (listings, object GETs and HEADs, PUTs of input and output parts) get a fault,
     # a quarter each of 503 SlowDown, 500 InternalError, connection reset, stall past the read timeout; and
-    # for certain, the first listing a 503, the first object GET a stall, the first PUT a reset
+    # for certain, the first listing a 503, the first object GET a stall, the fourth a 500, the first PUT a reset
     proxy.rules = [Rule("503", kinds=("list",), limit=1), Rule("stall", kinds=("get",), limit=1),
-                   Rule("reset", kinds=("put",), limit=1), *(Rule(fault, rate=0.025) for fault in FAULTS)]
+                   Rule("500", kinds=("get",), after=2, limit=1), Rule("reset", kinds=("put",), limit=1),
+                   *(Rule(fault, rate=0.025) for fault in FAULTS)]
     started = time.monotonic()
     try:
         summary = run_label_job(config(store, "faulty"))
@@ -121,12 +122,13 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
 
 def test_objects_are_read_with_one_get_each_and_no_head(store):
     """s3fs sends a HEAD before each GET unless told to read whole objects; a batch's reads are one GET each
-    (requests counted by the proxy, from outside), and a 50 ms store latency costs the batch about one
+    (requests counted by the proxy, from outside), and a 250 ms store latency costs the batch about one
     round trip, not one per object (the GETs run concurrently)."""
     fs, _, proxy = store
     uris = [f"s3://{key}" for key in sorted(fs.find("flt-in/imgs"))[:8]]
+    storage.read_objects(uris, options(proxy))  # the client and its connections exist before the timing
     before = proxy.injected.copy()
-    proxy.rules = [Rule("delay", delay_s=0.05, kinds=("head", "get"), path=r"^/flt-in/imgs/")]
+    proxy.rules = [Rule("delay", delay_s=0.25, kinds=("head", "get"), path=r"^/flt-in/imgs/")]
     try:
         started = time.monotonic()
         blobs = storage.read_objects(uris, options(proxy))
@@ -136,7 +138,7 @@ def test_objects_are_read_with_one_get_each_and_no_head(store):
     delayed = proxy.injected - before
     assert all(isinstance(blob, bytes) and blob for blob in blobs)
     assert delayed[("delay", "head")] == 0 and delayed[("delay", "get")] == len(uris), delayed
-    assert seconds < 0.05 * len(uris) / 2, f"8 reads took {seconds:.2f} s: not concurrent"
+    assert seconds < 0.25 * len(uris) / 2, f"8 reads took {seconds:.2f} s: not concurrent"
 
 
 @pytest.mark.slow
