@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from faultproxy import FaultProxy, Rule  # noqa: E402 - the tests' proxy, found through sys.path
+from pipelines import storage  # noqa: E402
+from pipelines.demo import loopback_s3  # noqa: E402
 
 
 def main() -> int:
@@ -38,31 +39,21 @@ def main() -> int:
     if not photos:
         parser.error(f"no coco-mini photos under {args.shared}/data/coco-mini/train2017")
 
-    from moto.server import ThreadedMotoServer  # deferred: moto is the optional `local` extra
-    import s3fs
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(name, value)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    fs = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}")
-    fs.mkdir("bench")
-    fs.pipe({f"bench/images/{n:07d}.jpg": photos[n % len(photos)].read_bytes() for n in range(args.objects)})
-    proxy = FaultProxy(f"http://{host}:{port}").start()
-    if args.latency_ms > 0:
-        proxy.rules = [Rule("delay", delay_s=args.latency_ms / 1e3)]
-    bench_args = [a for a in args.bench_args if a != "--"]
-    command = [str(Path(sys.executable).parent / "simplepose"), "bench", "label", "--input", "s3://bench/images/",
-               "--images", str(args.objects), *bench_args]
-    try:
-        result = subprocess.run(command, env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint},
-                                capture_output=True, text=True)
-    finally:
-        proxy.stop()
-        server.stop()
+    with loopback_s3() as endpoint:  # moto, dummy credentials, AWS_ENDPOINT_URL for this process
+        fs, _ = storage.filesystem("s3://bench")
+        fs.mkdir("bench")
+        fs.pipe({f"bench/images/{n:07d}.jpg": photos[n % len(photos)].read_bytes() for n in range(args.objects)})
+        proxy = FaultProxy(endpoint).start()
+        if args.latency_ms > 0:
+            proxy.rules = [Rule("delay", delay_s=args.latency_ms / 1e3)]
+        bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+        command = [str(Path(sys.executable).parent / "simplepose"), "bench", "label", "--input",
+                   "s3://bench/images/", "--images", str(args.objects), *bench_args]
+        try:  # the job reads through the proxy
+            result = subprocess.run(command, env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint},
+                                    capture_output=True, text=True)
+        finally:
+            proxy.stop()
     print(result.stdout, end="")
     if result.returncode:
         print(result.stderr[-4000:], file=sys.stderr)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "500", "reset", "stall")  # failures; "delay" (latency) is a rule too, not a failure
+FAULTS = ("503", "500", "reset", "stall")
+RULES = (*FAULTS, "delay")  # "delay" (latency) is a rule, not a failure
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
                "expect"}
 
@@ -55,8 +56,8 @@ class Rule:
     seen: int = 0
 
     def __post_init__(self):
-        if self.fault not in (*FAULTS, "delay"):
-            raise ValueError(f"fault {self.fault!r} not in {(*FAULTS, 'delay')}")
+        if self.fault not in RULES:
+            raise ValueError(f"fault {self.fault!r} not in {RULES}")
 
     def matches(self, kind: str, path: str) -> bool:
         return ((not self.kinds or kind in self.kinds) and (self.path is None or re.search(self.path, path))
