@@ -24,6 +24,11 @@ class MultiNodeCluster:
         quiet_environment()
         from ray.cluster_utils import Cluster  # after quiet_environment(): Ray reads it when imported
 
+        from ray._common.utils import get_default_ray_temp_dir
+
+        # Ray writes the head's address to <default temp dir>/ray_current_cluster even with a temp_dir of
+        # its own, without creating that folder: on a machine where no Ray ran yet the head fails to start
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
         self.cpus, self.object_store_memory = cpus, object_store_memory
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 0, "object_store_memory": object_store_memory, "include_dashboard": False,

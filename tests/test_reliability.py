@@ -60,19 +60,24 @@ def inputs(s3_endpoint, coco_mini, tmp_path_factory):
 class Job:
     """`simplepose label` in a subprocess joined to the cluster; its log goes to a file."""
 
-    def __init__(self, cluster: MultiNodeCluster, output: str, log, *flags: str):
+    def __init__(self, cluster: MultiNodeCluster, output: str, log, *flags: str, background: bool = False):
+        """background: started as a script's `simplepose label ... &` is, with SIGINT ignored (the shell's
+        SIG_IGN, which Python keeps)."""
         command = [sys.executable, "-m", "jobs.cli", "label", "s3://rel-in/imgs/", f"s3://{output}",
                    "--model", "s3://rel-in/tiny.pt", "--address", cluster.address, *FLAGS, *flags]
         self.log_path = log
         self.started = time.monotonic()
+        self.stop_signal = signal.SIGTERM if background else signal.SIGINT
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
         with open(log, "wb") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                            preexec_fn=ignore_sigint)
 
     def wait(self, timeout: float = JOB_TIMEOUT) -> int:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(self.stop_signal)
             self.process.wait(timeout=30)
             pytest.fail(f"the job ran past {timeout} s:\n{self.log()[-3000:]}")
 
@@ -172,10 +177,12 @@ def test_worker_node_lost_mid_run(multinode, inputs, clean, tmp_path):
 
 def test_unplaceable_stage_stalls_with_message_then_rerun_completes(multinode, inputs, clean, tmp_path):
     """The network stage asks for 3 CPUs, no node has them: every progress line names the stage and what it
-    waits for, and the stall timeout ends the job; the re-run on a placeable setting finishes exactly once."""
+    waits for, and the stall timeout ends the job, also one started in the background with SIGINT ignored;
+    the re-run on a placeable setting finishes exactly once."""
     output = "rel-out/stalled"
     timeout = 8
-    job = Job(multinode, output, tmp_path / "stalled.log", "--network-cpus", "3", "--stall-timeout", str(timeout))
+    job = Job(multinode, output, tmp_path / "stalled.log", "--network-cpus", "3", "--stall-timeout", str(timeout),
+              background=True)
     rc = job.wait(timeout=120)
     log = job.log()
     print(f"stalled job ended after {job.seconds:.1f} s with rc {rc}:\n" +

@@ -5,6 +5,7 @@ Ray overhead: two fits. Fine-tuning weights read through storage options: no Ray
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def test_two_workers_train_checkpoint_resume_and_register(ray_cluster, coco_buck
     run_name = f"tiny-{uuid.uuid4().hex[:8]}"
     secret = f"secret-{uuid.uuid4().hex}"  # the loopback server takes any credentials
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": secret}
+    sigint = signal.getsignal(signal.SIGINT)
     first = run_training(tiny_config(coco_bucket, tmp_path, run_name, epochs=3), storage_options=options)
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ctrl-C after training is the caller's again, not Ray Train's
     client = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
     losses = [m.value for m in sorted(client.get_metric_history(first.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) == 6  # 3 epochs x 2 steps, logged by rank 0 only

@@ -6,8 +6,13 @@ node being replaced), so progress is reported from a thread: every `interval` se
 of this job's stage actors are not placed yet (pending creation or restarting) and names them with the
 resources they need and the largest free / total resources of any alive node; the line is logged with the
 progress line. When no new row has arrived for `stall_timeout_s`, it logs why and interrupts the driver's
-main thread (SIGINT to that thread: Ray Data's iterator stops its execution as on Ctrl-C), and
-`run_label_job` raises `LabelJobStalled`. Committed chunks stay: the re-run resumes.
+main thread (`STALL_SIGNAL` to that thread, whose handler raises KeyboardInterrupt: Ray Data's iterator stops
+its execution as on Ctrl-C), and `run_label_job` raises `LabelJobStalled`. Committed chunks stay: the re-run
+resumes.
+
+Not SIGINT itself: a job started in the background by a script (`simplepose label ... &`, `nohup`) inherits
+SIGINT ignored from the shell, and a library may leave its own SIGINT handler behind (Ray Train's `fit`
+does); either way a stalled job would never stop. The watchdog owns its signal's handler while it runs.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ LOG = logging.getLogger(__name__)
 STAGE_CLASSES = {"DecodeStage": "decode", "NetworkStage": "network", "AssembleStage": "assemble"}
 """Actor class of each stage's pool (Ray Data names its actors MapWorker(MapBatches(<class>)))."""
 UNPLACED = ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
+STALL_SIGNAL = signal.SIGUSR2
+"""Sent by the watchdog to the driver's main thread on a stall (SIGUSR1 is Ray Tune's)."""
 
 
 class LabelJobStalled(JobError):
@@ -97,17 +104,22 @@ class Watchdog:
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         self._thread = threading.Thread(target=self._run, name="label-watchdog", daemon=True)
+        self._previous_handler = None
 
     def __enter__(self) -> "Watchdog":
         self.writer.last_progress = time.monotonic()
         if threading.current_thread().ident != self._main:
             self.timeout = None  # cannot interrupt a non-main thread's blocking iterator: report only
+        if self.timeout is not None:
+            self._previous_handler = signal.signal(STALL_SIGNAL, _interrupt)
         self._thread.start()
         return self
 
     def __exit__(self, kind, value, traceback) -> bool:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._previous_handler is not None:
+            signal.signal(STALL_SIGNAL, self._previous_handler)
         if self.stalled is not None and kind is not None and issubclass(kind, KeyboardInterrupt):
             raise LabelJobStalled(self.stalled) from None
         return False
@@ -135,5 +147,9 @@ class Watchdog:
                                 f"{self.writer.rows_written} objects committed, {len(self.writer.expected)} chunks "
                                 f"left")
                 LOG.error("stalled: %s", self.stalled)
-                signal.pthread_kill(self._main, signal.SIGINT)
+                signal.pthread_kill(self._main, STALL_SIGNAL)
                 return
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

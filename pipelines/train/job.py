@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,11 +127,15 @@ def run_training(config: TrainConfig, storage_options: Mapping[str, object] | No
     client, uri, run_id, resumed = start_tracking(config, storage_options)
     LOG.info("MLflow run %s (%s) for Ray run %r", run_id, "resumed" if resumed else "new",
              config.checkpoint.run_name)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         result = make_trainer(config, run_id, uri, storage_options).fit()
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
+    finally:  # Ray Train's fit leaves its handler (abort this run's controller) installed: Ctrl-C after it is ours
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     outcome = finish_run(config, client, run_id, result)
     return evaluate_and_promote(config, outcome, client, uri, storage_options) if config.evaluation else outcome
 
