@@ -192,9 +192,3 @@ def test_demo_end_to_end(tmp_path):
     rendered = subprocess.run([sys.executable, "-m", "jobs.cli", "render", str(run_dir / "tables"),
                                str(tmp_path / "again")], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert rendered.returncode == 0, rendered.stderr[-2000:]
-
-
-def test_demo_help():
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--help"], capture_output=True, text=True,
-                            timeout=60, cwd=REPO)
-    assert result.returncode == 0 and "--workdir" in result.stdout and "--model" in result.stdout

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 
 from jobs.cli import main as cli_main
@@ -44,9 +42,3 @@ def test_unknown_decoder_key_is_refused_naming_the_accepted_ones(capsys, coco_mi
     assert cli_main(["oracle", str(coco_mini_annotations), "decoder.speed=11"]) == 2
     err = capsys.readouterr().err
     assert "unknown key(s) decoder.speed" in err and "tie_free_nms" in err and "Traceback" not in err
-
-
-def test_help():
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "oracle", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    assert "--mode" in out and "--workers" in out and "--json" in out

@@ -54,17 +54,20 @@ def store(s3_endpoint, coco_mini, tmp_path_factory):
     proxy.stop()
 
 
-def options(proxy: FaultProxy) -> dict:
+def options(proxy: FaultProxy, botocore_retries: int = 3) -> dict:
     """The job's storage options: the proxy as endpoint, short timeouts (stalls cost seconds, not minutes)."""
     return {"endpoint_url": proxy.endpoint,
             "config_kwargs": {"connect_timeout": READ_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
-                              "retries": {"max_attempts": 3, "mode": "standard"}}}
+                              "retries": {"max_attempts": botocore_retries, "mode": "standard"}}}
 
 
-def config(store, output: str, input_prefix: str = "s3://flt-in/imgs/", **changes) -> LabelJobConfig:
+def config(store, output: str, input_prefix: str = "s3://flt-in/imgs/", botocore_retries: int = 3,
+           **changes) -> LabelJobConfig:
+    """The job's config; `botocore_retries` lower for the faults that never end (every retry layer's backoff
+    multiplies: our retries x s3fs's 5 tries x botocore's attempts)."""
     _, model, proxy = store
     return label_config(input=input_prefix, output=f"s3://flt-out/{output}", model=model,
-                        storage_options=options(proxy), **{**SMALL, **changes})
+                        storage_options=options(proxy, botocore_retries), **{**SMALL, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,8 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     fs, _, proxy = store
     proxy.rules = [Rule("503", kinds=("get",), path=r"/cursed\.jpg$")]
     try:
-        summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", **{"read.retries": 1}))
+        summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", botocore_retries=0,
+                                              **{"read.retries": 1}))
         tries = proxy.injected[("503", "get")]
     finally:
         proxy.healthy()
@@ -150,7 +154,7 @@ def test_a_part_write_that_keeps_failing_stops_the_run_naming_it_then_the_rerun_
     try:
         with pytest.raises(storage.StorageWriteError, match=r"s3://flt-out/partfail/poses/part-\d{6}\.parquet") \
                 as error:
-            run_label_job(config(store, "partfail"))
+            run_label_job(config(store, "partfail", botocore_retries=0))
     finally:
         proxy.healthy()
     print(f"failing part write: stopped after {time.monotonic() - started:.1f} s, "
