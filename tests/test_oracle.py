@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-
 from jobs.cli import main as cli_main
 
 STAT_KEYS = {"AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"}

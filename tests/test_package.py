@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from jobs.bench import BENCHMARKS
-from jobs.cli import COMMANDS
-from jobs.cli import main as cli_main
+from jobs.cli import COMMANDS, main as cli_main
 from simplepose import skeleton as sk
 
 
@@ -100,7 +99,7 @@ def test_every_command_has_help(command, capsys):
     text = _help(capsys, *command)
     assert f"simplepose {command[0]}" in text
     for option in HELP_OPTIONS.get(command, ()):
-        assert option in text.lower(), f"`simplepose {' '.join(command)} --help` does not mention {option}"
+        assert option in text, f"`simplepose {' '.join(command)} --help` does not mention {option}"
 
 
 def test_unknown_command_is_a_clear_error():

@@ -111,7 +111,7 @@ def test_an_object_failing_every_try_becomes_a_read_error_row(store, ray_cluster
     proxy.rules = [Rule("503", kinds=("get",), path=r"/cursed\.jpg$")]
     try:
         summary = run_label_job(config(store, "cursed", "s3://flt-in/cursed/", botocore_retries=0,
-                                              **{"read.retries": 1}))
+                                       **{"read.retries": 1}))
         tries = proxy.injected[("503", "get")]
     finally:
         proxy.healthy()
